@@ -1,0 +1,100 @@
+"""One generated sequence: its tokens, its place in the KV cache and its progress."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import torch
+
+from pagedserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """A prompt plus the tokens generated for it so far.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache (cached prefix included);
+    the scheduler computes the rest in one or more chunks. The last token of a running
+    sequence is never computed until the next step, as it is the one that step feeds in.
+    """
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, block_size: int, arrival_time: float | None = None) -> None:
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.params = params
+        self.block_size = block_size
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.num_hashed_blocks = 0  # full blocks whose hash is registered in the cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] = []
+        self.generator = _make_generator(params.seed, index)
+        self.leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks we share
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def block_tokens(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    @property
+    def ready_to_schedule(self) -> bool:
+        """A sibling waits until its leader's prompt is in the cache, then shares those blocks."""
+        leader = self.leader
+        return leader is None or leader.is_finished or (
+            leader.num_computed_tokens >= leader.num_prompt_tokens
+        )
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Forget the KV cache (preemption); prompt and generated tokens are kept."""
+        self.num_computed_tokens = 0
+        self.num_hashed_blocks = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
+
+
+def _make_generator(seed: int | None, index: int) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + index) & 0xFFFF_FFFF_FFFF)
+    return generator

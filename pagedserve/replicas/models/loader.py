@@ -42,7 +42,7 @@ def _load_weights(model: LlamaForCausalLM, files: list[Path], progress: bool) ->
     loaded: set[str] = set()
     for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 if _load_one(model, params, name, f.get_tensor(name)):
                     loaded.add(name)
     missing = sorted(expected - loaded)

@@ -34,7 +34,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     visible = torch.arange(ctx)[None, :] <= positions[:, None]  # [q_len, ctx]
     out = torch.empty(q_len, num_heads, q.shape[2], dtype=torch.float64)
     for h in range(num_heads):
-        kh, vh = k[:, h % num_kv_heads], v[:, h % num_kv_heads]
+        kh, vh = k[:, h // group], v[:, h // group]
         scores = (q[:, h] @ kh.T) * scale
         scores = scores.masked_fill(~visible, float("-inf"))
         weights = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)

@@ -387,3 +387,15 @@ def test_everything_freed_returns_all_blocks_randomized():
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
     check_invariants(bm, [])
+
+
+def test_hash_collision_with_same_tokens_but_other_parent_never_matches(monkeypatch):
+    monkeypatch.setattr(bm_module, "block_hash", lambda parent, tokens: 42)
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    a = make_seq([1, 2, 3, 4, 9])
+    compute(bm, a)
+    # block 2 of b has a's tokens but follows another parent: the forged hash must not match it
+    b = make_seq([1, 2, 3, 4, 1, 2, 3, 4, 5])
+    bm.match_prefix(b)
+    assert b.block_table == a.block_table[:1]
+    assert b.num_computed_tokens == 4

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_VOCAB
 
 from pagedserve import LLM, SamplingParams
-from tiny_models import TINY_VOCAB
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -152,4 +152,4 @@ def test_logprobs_are_returned_for_each_token(tiny_llama):
     for token, entry in zip(out.token_ids, out.logprobs, strict=True):
         assert token in entry and len(entry) >= 3
         assert entry[token] == max(entry.values())  # greedy picks the most likely token
-    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs, strict=True)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tiny_models import TINY_CONFIGS, TINY_VOCAB
 
 from pagedserve import LLM, SamplingParams
-from tiny_models import TINY_CONFIGS, TINY_VOCAB
 
 PROMPT_LENGTHS = [1, 5, 17, 40, 3, 64, 100, 16, 33]
 MAX_TOKENS = 24

@@ -16,12 +16,13 @@ def block_hash(parent_hash: int | None, tokens: list[int]) -> int:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "parent_hash", "token_ids")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
+        self.parent_hash: int | None = None  # checked with the tokens: a hash collision never matches
         self.token_ids: tuple[int, ...] = ()
 
 
@@ -62,7 +63,7 @@ class BlockManager:
         for i in range(usable):
             tokens = seq.block_tokens(i)
             block_id = self.hash_to_block.get(block_hash(parent, tokens))
-            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+            if block_id is None or not self._holds(block_id, parent, tokens):
                 break
             parent = self.blocks[block_id].hash
             self._take(block_id)
@@ -101,7 +102,7 @@ class BlockManager:
             else:
                 seq.block_hashes.append(h)
             if h not in self.hash_to_block:  # a duplicate keeps the first block findable
-                block.hash, block.token_ids = h, tuple(tokens)
+                block.hash, block.parent_hash, block.token_ids = h, parent, tuple(tokens)
                 self.hash_to_block[h] = block.block_id
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
@@ -130,4 +131,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
-        block.hash, block.token_ids = None, ()
+        block.hash, block.parent_hash, block.token_ids = None, None, ()
+
+    def _holds(self, block_id: int, parent: int | None, tokens: list[int]) -> bool:
+        block = self.blocks[block_id]
+        return block.parent_hash == parent and block.token_ids == tuple(tokens)

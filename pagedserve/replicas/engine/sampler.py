@@ -49,9 +49,12 @@ class Sampler:
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
     def _block_early_stop(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab = logits.shape[1]
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
                 stops = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else self.eos_token_ids)
+                # An id outside the vocabulary can never be sampled; indexing it would crash the step.
+                stops = [t for t in stops if t < vocab]
                 if stops:
                     logits[row, stops] = float("-inf")
 

@@ -1,0 +1,227 @@
+"""Offline throughput: our engine against Hugging Face transformers, same process, same workload.
+
+    python benchmarks/throughput.py                      # CPU: 32 prompts of 16-512 tokens, 64 out
+    python benchmarks/throughput.py --device cuda --peers hf-generate,hf-cb
+
+Throughput is output tokens / wall seconds of one timed run, after an untimed warm-up.
+Prompts are random token ids and EOS is ignored, so every request generates exactly its length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.replicas.models.default_model import default_model_dir, resolve_gguf
+
+try:
+    from benchmarks import common
+except ModuleNotFoundError:  # run as `python benchmarks/throughput.py`: benchmarks/ is on sys.path
+    import common
+
+PEERS = ("hf-generate", "hf-cb")
+FIRST_TOKEN_ID = 10  # ids below this are special tokens in the llama-family vocabularies we serve
+DEFAULTS = {  # num_prompts, min_prompt_len, max_prompt_len, (min, max) output length
+    "cpu": (32, 16, 512, (64, 64)),
+    "cuda": (256, 100, 1024, (100, 1024)),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COLUMNS = [("name", "name", "s"), ("requests", "requests", "d"), ("output_tokens", "out tokens", "d"),
+           ("wall_s", "wall s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
+           ("ratio", "ours/peer", ".2f"), ("peak_mem_mib", "peak MiB", ".0f")]
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+@dataclass
+class Row:
+    name: str
+    requests: int
+    output_tokens: int = 0
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+    ratio: float | None = None  # our tokens/s over this row's
+    peak_mem_mib: float | None = None
+    skipped: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", help="HF model dir or .gguf file (default: the embedded model)")
+    p.add_argument("--num-prompts", type=int)
+    p.add_argument("--min-prompt-len", type=int)
+    p.add_argument("--max-prompt-len", type=int)
+    p.add_argument("--output-len", type=int, help="fixed output length (cuda default: 100-1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", default="hf-generate", help=f"comma list from {','.join(PEERS)}")
+    p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
+    args = p.parse_args(argv)
+    n, lo, hi, out_range = DEFAULTS[args.device]
+    args.num_prompts = args.num_prompts or n
+    args.max_prompt_len = args.max_prompt_len or hi
+    args.min_prompt_len = min(args.min_prompt_len or lo, args.max_prompt_len)
+    args.output_range = (args.output_len, args.output_len) if args.output_len else out_range
+    args.peers = [name for name in args.peers.split(",") if name]
+    if unknown := set(args.peers) - set(PEERS):
+        p.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
+    if args.dtype == "auto":
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    args.out = args.out or common.default_out("throughput", args.device)
+    return args
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    g = torch.Generator().manual_seed(args.seed)
+    n, (lo, hi) = args.num_prompts, args.output_range
+    lens = torch.randint(args.min_prompt_len, args.max_prompt_len + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(FIRST_TOKEN_ID, vocab_size, (k,), generator=g).tolist() for k in lens]
+    return Workload(prompts, torch.randint(lo, hi + 1, (n,), generator=g).tolist())
+
+
+def warmup_workload(seed: int, vocab_size: int) -> Workload:
+    """Two short prompts from another seed, so the timed run never hits the prefix cache."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return Workload(torch.randint(FIRST_TOKEN_ID, vocab_size, (2, 16), generator=g).tolist(), [4, 4])
+
+
+def ours(args, model_dir: Path):
+    """Build our engine; return its generate(workload) -> (token counts, wall seconds)."""
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, progress=False)
+
+    def generate(w: Workload) -> tuple[list[int], float]:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
+        outs, wall = common.timed(args.device, lambda: llm.generate(w.prompts, params, use_tqdm=False))
+        return [len(o.outputs[0].token_ids) for o in outs], wall
+
+    return generate
+
+
+def peer(name: str, args, model_dir: Path):
+    """Load a fresh transformers model; return its generate(workload) like `ours`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype])
+    model = model.to(args.device).eval()
+    eos = model.config.eos_token_id
+    pad_id = eos if isinstance(eos, int) else 0
+    run = hf_generate if name == "hf-generate" else hf_cb_generate
+    return lambda w: run(model, w, args.device, pad_id)
+
+
+def hf_generate(model, w: Workload, device: str, pad_id: int) -> tuple[list[int], float]:
+    """One left-padded static batch; every row runs to the longest requested length."""
+    width, new = max(map(len, w.prompts)), max(w.output_lens)
+    ids = torch.full((len(w.prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(w.prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    config = transformers.GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                           eos_token_id=None, pad_token_id=pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.inference_mode():
+        out, wall = common.timed(device, lambda: model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config))
+    if out.shape[1] - width != new:
+        raise RuntimeError(f"hf-generate: generated {out.shape[1] - width} tokens, expected {new}")
+    return list(w.output_lens), wall  # useful tokens: each request's own length
+
+
+def hf_cb_generate(model, w: Workload, device: str, pad_id: int) -> tuple[list[int], float]:
+    """transformers continuous batching, each request with its own max_new_tokens.
+
+    This is what `generate_batch` wraps. The clock runs inside the manager's context, so cache
+    allocation and CUDA graph capture are left out, as ours are (they happen when `LLM` is built).
+    """
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    page = transformers.ContinuousBatchingConfig().page_size
+    pairs = list(zip(w.prompts, w.output_lens, strict=True))
+    # On CPU the cache is otherwise sized to 90% of host RAM; give it what the workload needs.
+    blocks = sum(math.ceil((len(p) + n) / page) for p, n in pairs) + 1
+    cb_config = transformers.ContinuousBatchingConfig(num_blocks=blocks if device == "cpu" else None)
+    gen_config = transformers.GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=pad_id,
+                                               max_new_tokens=max(w.output_lens))
+    hints = WorkloadHints(max(map(len, w.prompts)), max(w.output_lens), len(w.prompts))
+    with model.continuous_batching_context_manager(
+            generation_config=gen_config, continuous_batching_config=cb_config,
+            warmup=device == "cuda", workload_hints=hints) as manager:
+        return common.timed(device, lambda: _drain(manager, pairs))
+
+
+def _drain(manager, pairs: list[tuple[list[int], int]]) -> list[int]:
+    ids = [manager.add_request(prompt, max_new_tokens=n) for prompt, n in pairs]
+    done: dict[str, int] = {}
+    while len(done) < len(ids):
+        result = manager.get_result(timeout=1)
+        if result is None and not manager.is_running():
+            raise RuntimeError("hf-cb: the generation thread stopped")
+        if result is not None and result.is_finished():
+            if result.error:
+                raise RuntimeError(f"hf-cb: {result.error}")
+            done[result.request_id] = len(result.generated_tokens)
+    return [done[i] for i in ids]
+
+
+def measure(name: str, build, args, wl: Workload, warm: Workload) -> Row:
+    """Build a contender, warm it up, time it on the workload. A failing peer becomes a skipped row."""
+    common.reset_peak_memory(args.device)
+    try:
+        generate = build()
+        generate(warm)
+        counts, wall = generate(wl)
+        if counts != wl.output_lens:
+            raise RuntimeError(f"{name}: generated {counts} tokens, expected {wl.output_lens}")
+    except Exception as e:
+        if name == "pagedserve":
+            raise
+        return Row(name, len(wl.prompts), skipped=f"{type(e).__name__}: {e}")
+    tokens = sum(counts)
+    return Row(name, len(wl.prompts), tokens, wall, tokens / wall,
+               peak_mem_mib=common.peak_memory_mib(args.device))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU; this torch sees none")
+    model_dir = Path(args.model) if args.model else default_model_dir(progress=False)
+    if model_dir.suffix == ".gguf":
+        model_dir = resolve_gguf(model_dir, progress=False)
+    vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    wl, warm = make_workload(args, vocab_size), warmup_workload(args.seed, vocab_size)
+    rows = [measure("pagedserve", lambda: ours(args, model_dir), args, wl, warm)]
+    for name in args.peers:
+        rows.append(measure(name, lambda n=name: peer(n, args, model_dir), args, wl, warm))
+    for r in rows[1:]:
+        r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
+    print(common.format_table([asdict(r) for r in rows], COLUMNS))
+    for r in rows:
+        if r.skipped:
+            print(f"{r.name} skipped: {r.skipped}")
+    result = {
+        "benchmark": "throughput", **common.environment(args.device), "model": str(model_dir),
+        "dtype": args.dtype, "peak_memory": common.peak_memory_kind(args.device),
+        "workload": {"num_prompts": args.num_prompts, "seed": args.seed, "ignore_eos": True,
+                     "temperature": 0, "prompt_len": [args.min_prompt_len, args.max_prompt_len],
+                     "output_len": list(args.output_range)},
+        "rows": [asdict(r) for r in rows],
+    }
+    common.write_results(result, args.out, {r.name: r.tokens_per_s for r in rows if r.tokens_per_s},
+                         "output tokens / s")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

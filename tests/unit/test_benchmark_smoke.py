@@ -1,0 +1,57 @@
+"""The throughput benchmark runs end to end in-process and reports what it generated."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def throughput(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks.throughput")
+
+
+def test_workload_is_seeded_and_in_range(throughput):
+    argv = ["--num-prompts", "8", "--min-prompt-len", "5", "--max-prompt-len", "9",
+            "--output-len", "3"]
+    args = throughput.parse_args(argv)
+    first, again = throughput.make_workload(args, 100), throughput.make_workload(args, 100)
+    assert first == again
+    assert len(first.prompts) == 8 and first.output_lens == [3] * 8
+    assert all(5 <= len(p) <= 9 for p in first.prompts)
+    assert all(throughput.FIRST_TOKEN_ID <= t < 100 for p in first.prompts for t in p)
+    other = throughput.make_workload(throughput.parse_args([*argv, "--seed", "1"]), 100)
+    assert other.prompts != first.prompts
+
+
+def test_cuda_defaults_draw_output_lengths(throughput):
+    args = throughput.parse_args(["--device", "cuda", "--num-prompts", "16"])
+    assert (args.min_prompt_len, args.max_prompt_len, args.output_range) == (100, 1024, (100, 1024))
+    assert args.dtype == "bfloat16"
+    lens = throughput.make_workload(args, 1000).output_lens
+    assert all(100 <= n <= 1024 for n in lens) and len(set(lens)) > 1
+
+
+@pytest.mark.slow
+def test_benchmark_runs_against_both_peers(throughput, default_model_dir, tmp_path):
+    out = tmp_path / "throughput.json"
+    result = throughput.main(["--model", str(default_model_dir), "--num-prompts", "2",
+                              "--output-len", "4", "--max-prompt-len", "32",
+                              "--peers", "hf-generate,hf-cb", "--out", str(out)])
+
+    assert json.loads(out.read_text()) == result
+    assert result["workload"]["num_prompts"] == 2 and result["workload"]["output_len"] == [4, 4]
+    assert result["versions"]["transformers"] and result["device_name"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["pagedserve", "hf-generate", "hf-cb"]
+    for name, row in rows.items():
+        assert row["skipped"] is None, row["skipped"]
+        assert (row["requests"], row["output_tokens"]) == (2, 8)
+        assert row["tokens_per_s"] > 0 and row["peak_mem_mib"] > 0
+        assert (row["ratio"] is None) == (name == "pagedserve")

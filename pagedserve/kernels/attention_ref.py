@@ -54,15 +54,33 @@ def paged_decode_attention(
     query `[B, heads, head_dim]`, block_tables `[B, max_blocks]` (int32, padded with any valid id),
     context_lens `[B]` (tokens in cache, including the one this query belongs to). GQA when
     heads is a multiple of kv_heads. Returns `[B, heads, head_dim]`.
+
+    Sequences are grouped by length so each group's gathered K/V is padded only to its own
+    longest member: on a CPU the gather, not the arithmetic, is what costs.
     """
+    batch = query.shape[0]
+    if batch <= _DECODE_GROUP:
+        return _decode_group(query, k_cache, v_cache, block_tables, context_lens, scale)
+    out = torch.empty_like(query)
+    order = torch.argsort(context_lens.to(query.device))
+    for rows in order.split(_DECODE_GROUP):
+        out[rows] = _decode_group(query[rows], k_cache, v_cache, block_tables[rows],
+                                  context_lens[rows], scale)
+    return out
+
+
+_DECODE_GROUP = 8
+
+
+def _decode_group(query, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
     blocks_needed = -(-max_len // block_size)
-    table = block_tables[:, :blocks_needed].long()
-    keys = k_cache[table].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
-    values = v_cache[table].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_len]
-    positions = torch.arange(max_len, device=query.device)
+    table = block_tables[:, :blocks_needed].reshape(-1).long()
+    keys = k_cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)
+    positions = torch.arange(keys.shape[1], device=query.device)
     mask = positions[None, :] < context_lens[:, None].to(query.device)
     out = F.scaled_dot_product_attention(
         query.unsqueeze(2),  # [B, H, 1, D]
@@ -94,23 +112,24 @@ def paged_prefill_attention(
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lengths = context_lens.tolist()
-    num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
     for i, context_len in enumerate(lengths):
         start, end = starts[i], starts[i + 1]
         q = query[start:end].transpose(0, 1)  # [H, q_len, D]
         k = gather_kv(k_cache, block_tables[i], context_len).transpose(0, 1)
         v = gather_kv(v_cache, block_tables[i], context_len).transpose(0, 1)
-        out[start:end] = _causal_attention(q, k, v, scale, num_heads != num_kv_heads).transpose(0, 1)
+        out[start:end] = _causal_attention(q, k, v, scale).transpose(0, 1)
     return out
 
 
-def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, gqa: bool
-) -> torch.Tensor:
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     q_len, kv_len = q.shape[1], k.shape[1]
+    group = q.shape[0] // k.shape[0]
+    if group > 1:  # expanded heads keep SDPA on its fused path (GQA mode falls back to plain math)
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # 4-D: the fused CPU kernel wants it
     if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]
     # The queries are the last q_len positions: query j may see keys up to kv_len - q_len + j.
     offset = kv_len - q_len
     mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]

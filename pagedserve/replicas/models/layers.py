@@ -58,15 +58,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos_sin = torch.stack((emb.cos() * scaling, emb.sin() * scaling)).to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos_sin[0][positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.cos_sin[1][positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[T, 1, head_dim / 2]` for this step's positions, shared by every layer."""
+        half = self.head_dim // 2
+        cos = self.cos_sin[0, :, :half][positions].unsqueeze(1).to(dtype)
+        sin = self.cos_sin[1, :, :half][positions].unsqueeze(1).to(dtype)
+        return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of `x` `[T, heads, head_dim]`.
+
+    Same products and sums, in the same order, as `x * cos + rotate_half(x) * sin`.
+    """
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def _rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -7,14 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve import kernels
-from pagedserve.replicas.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
+from pagedserve.replicas.models.layers import (
+    AttentionMetadata,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+)
 from pagedserve.replicas.models.spec import ModelSpec
 
 
 class Attention(nn.Module):
     """Self-attention with merged QKV, optional per-head q/k norm (Qwen3) and GQA."""
 
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -23,20 +28,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.rotary = rotary
 
-    def forward(self, positions, hidden, meta: AttentionMetadata, kv_cache: torch.Tensor):
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+    def forward(self, rope, hidden, meta: AttentionMetadata, kv_cache: torch.Tensor):
+        qkv = self.qkv_proj(hidden)
+        q, k = self._rotated_qk(qkv, rope)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = _paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _rotated_qk(self, qkv: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope
+        if self.q_norm is None:  # rotate q and k in one pass over their adjacent columns
+            qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                           self.head_dim)
+            qk = apply_rotary(qk, cos, sin)
+            return qk[:, : self.num_heads], qk[:, self.num_heads:]
+        q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        return apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
 
 
 def _paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -68,20 +79,28 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if x.is_cuda:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        # On a CPU two matmuls over the weight's halves beat one: SiLU and the product then run
+        # on contiguous tensors, several times faster than on the strided halves of one output.
+        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
+        gate_w, up_w = weight.split(self.intermediate)
+        gate_b, up_b = bias.split(self.intermediate) if bias is not None else (None, None)
+        gate = F.silu(F.linear(x, gate_w, gate_b), inplace=True)
+        return self.down_proj(gate.mul_(F.linear(x, up_w, up_b)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, rotary)
+        self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, positions, hidden, meta, kv_cache):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, kv_cache)
+    def forward(self, rope, hidden, meta, kv_cache):
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), meta, kv_cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -90,13 +109,14 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.rotary = RotaryEmbedding(spec.hf_config, spec.head_dim, spec.max_position_embeddings)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta, kv_caches):
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, meta, kv_cache)
+            hidden = layer(rope, hidden, meta, kv_cache)
         return self.norm(hidden)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from conftest import needs_default_model
+
 from pagedserve import LLM, SamplingParams
 from pagedserve.cli import main as cli_main
-from conftest import needs_default_model
 
 GREEDY16 = SamplingParams(temperature=0, max_tokens=16)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import needs_default_model
 
 from pagedserve import LLM, SamplingParams
@@ -47,3 +48,13 @@ def test_cli_rejects_bad_arguments_with_a_message(capsys):
     assert "max_tokens" in capsys.readouterr().err
     assert cli_main(["generate", "hi", "--model", "/does/not/exist"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@needs_default_model
+def test_a_gguf_file_path_loads_through_the_conversion_cache(default_model_dir):
+    from pagedserve.replicas.models.default_model import find_default_gguf
+
+    llm = LLM(str(find_default_gguf()), progress=False, num_kvcache_blocks=32)
+    assert llm.engine.model_dir == default_model_dir  # same file, same cached conversion
+    with pytest.raises(ValueError, match="not a .gguf"):
+        LLM(str(default_model_dir / "config.json"), progress=False)

@@ -123,13 +123,11 @@ def paged_prefill_attention(
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     q_len, kv_len = q.shape[1], k.shape[1]
-    group = q.shape[0] // k.shape[0]
-    if group > 1:  # expanded heads keep SDPA on its fused path (GQA mode falls back to plain math)
-        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
-    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # 4-D: the fused CPU kernel wants it
+    gqa = q.shape[0] != k.shape[0]
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # 3-D input takes SDPA's slow path
     if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)[0]
     # The queries are the last q_len positions: query j may see keys up to kv_len - q_len + j.
     offset = kv_len - q_len
     mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[0]

@@ -36,8 +36,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
         if self.top_k == -1:  # vLLM spelling of "disabled"
             self.top_k = 0
         self._validate()
@@ -75,6 +75,14 @@ class SamplingParams:
                f"must be an integer, got {self.seed!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                "logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+
+
+def _as_list(value: object, field_name: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"SamplingParams.{field_name} must be a list, got {type(value).__name__}")
+    return list(value)
 
 
 def _is_int(value: object) -> bool:

@@ -72,3 +72,22 @@ def test_bad_input_raises_at_add_and_engine_keeps_serving(async_engine):
 
     text, tokens, reason = asyncio.run(main())
     assert len(tokens) == 12 and reason == "length"
+
+
+def test_a_crashed_engine_fails_its_streams_and_refuses_new_work(async_engine, monkeypatch):
+    from pagedserve.replicas.engine.async_engine import EngineDeadError
+
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(async_engine.engine, "step", broken_step)
+
+    async def main():
+        stream = await async_engine.add_request("w5 w6", PARAMS)
+        with pytest.raises(EngineDeadError, match="simulated device failure"):
+            await collect(stream)
+        assert not async_engine.is_running
+        with pytest.raises(EngineDeadError):
+            await async_engine.add_request("w7", PARAMS)
+
+    asyncio.run(main())

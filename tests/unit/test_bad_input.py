@@ -29,6 +29,12 @@ def llm(tiny_llama):
     ({"logprobs": 100}, "logprobs"),
     ({"stop": [""]}, "stop"),
     ({"seed": "x"}, "seed"),
+    ({"stop": 5}, "stop"),
+    ({"stop_token_ids": 7}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"temperature": None}, "temperature"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"n": True}, "n"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -85,7 +85,6 @@ class ModelRunner:
             context_lens=self._tensor(ctx, torch.int32),
             query_start_loc=self._tensor(starts, torch.int32),
             num_decodes=batch.num_decodes,
-            num_decode_tokens=batch.num_decodes,
         )
         return self._tensor(ids, torch.long), self._tensor(pos, torch.long), meta, sample_rows
 

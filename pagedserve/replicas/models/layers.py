@@ -14,7 +14,8 @@ class AttentionMetadata:
     """Where this step's tokens sit in the paged KV cache.
 
     Sequences are packed in order; the first `num_decodes` have exactly one new token each
-    (a decode) and take the decode kernel, the rest take the prefill kernel.
+    (a decode), so they also own the first `num_decodes` rows, and take the decode kernel; the
+    rest take the prefill kernel.
     """
 
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
@@ -22,7 +23,6 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] cached tokens after this step, per sequence
     query_start_loc: torch.Tensor  # [B + 1] offsets of each sequence's new tokens
     num_decodes: int
-    num_decode_tokens: int
 
 
 class RMSNorm(nn.Module):

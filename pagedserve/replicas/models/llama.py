@@ -51,20 +51,20 @@ class Attention(nn.Module):
 
 
 def _paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    nd, ndt = meta.num_decodes, meta.num_decode_tokens
-    if ndt == q.shape[0]:
+    nd = meta.num_decodes  # one query row each, so also the number of decode rows
+    if nd == q.shape[0]:
         return kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
         )
-    prefill_starts = meta.query_start_loc[nd:] - ndt
+    prefill_starts = meta.query_start_loc[nd:] - nd
     prefill = kernels.paged_prefill_attention(
-        q[ndt:], k_cache, v_cache, meta.block_tables[nd:], prefill_starts,
+        q[nd:], k_cache, v_cache, meta.block_tables[nd:], prefill_starts,
         meta.context_lens[nd:], scale,
     )
     if nd == 0:
         return prefill
     decode = kernels.paged_decode_attention(
-        q[:ndt], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale
+        q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale
     )
     return torch.cat((decode, prefill))
 

@@ -1,0 +1,247 @@
+"""Pydantic models of the OpenAI chat and completions requests, and their parse entry points.
+
+Types are strict (a string is not a number, 1 is not `true`) as OpenAI's API is; unknown fields
+are ignored because SDKs send fields we do not use. Fields that would change the output in ways
+we cannot honour (tools, logit_bias, echo, ...) are refused with a 400 rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pagedserve.cluster.openai_errors import APIError
+
+MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; vLLM clients send more
+MAX_N = 128
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: only `include_usage` is used."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool | None = None
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by chat and completions requests, OpenAI's and vLLM's extras."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[NonNegativeInt] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError.bad_request(
+                "stream_options is only allowed when stream is true.", "stream_options")
+        if self.logit_bias:
+            raise APIError.bad_request("logit_bias is not supported.", "logit_bias")
+
+
+class ChatMessage(BaseModel):
+    """One chat message; `content` is a string or a list of text parts (joined by newlines)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("must be a string or a list of content parts")
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content part {i} has type {kind!r}; only 'text' parts are "
+                                 "supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} needs a string 'text'")
+        return value
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role!r} message needs content")
+        return self
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part["text"] for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """`POST /v1/chat/completions` body. `max_completion_tokens` wins over `max_tokens`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """Rules across fields; raises APIError 400."""
+        self._check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError.bad_request("logprobs must be true when top_logprobs is set.",
+                                       "top_logprobs")
+        if self.tools and self.tool_choice != "none":
+            raise APIError.bad_request("tool calling is not supported.", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError.bad_request("only the 'text' response_format is supported.",
+                                       "response_format")
+
+
+class CompletionRequest(_SamplingFields):
+    """`POST /v1/completions` body; `prompt` is normalised to a list of strings or token lists."""
+
+    prompt: list[str | list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_as_list(cls, value: Any) -> Any:
+        return normalise_prompt(value)
+
+    def check(self) -> None:
+        """Rules across fields; raises APIError 400."""
+        self._check_common()
+        if self.echo:
+            raise APIError.bad_request("echo is not supported.", "echo")
+        if self.suffix:
+            raise APIError.bad_request("suffix is not supported.", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError.bad_request("best_of must equal n (best-of sampling is not supported).",
+                                       "best_of")
+
+
+def normalise_prompt(value: Any) -> list[str | list[int]]:
+    """A string, strings, token ids or lists of token ids → a non-empty list of prompts."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty string, a list of strings, a list of token ids, "
+                         "or a list of lists of token ids")
+    if all(_is_int(t) for t in value):
+        value = [value]
+    for i, prompt in enumerate(value):
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompt {i} is an empty string")
+        elif isinstance(prompt, list) and prompt:
+            bad = next((t for t in prompt if not _is_int(t) or t < 0), None)
+            if bad is not None:
+                raise ValueError(f"prompt {i} holds {bad!r}; token ids are non-negative integers")
+        else:
+            raise ValueError(f"prompt {i} must be a non-empty string or list of token ids")
+    return value
+
+
+def parse_chat_request(body: object) -> ChatCompletionRequest:
+    """Validate a chat request body (a dict, or JSON text/bytes); every problem is APIError 400."""
+    request = _parse(ChatCompletionRequest, body)
+    request.check()
+    return request
+
+
+def parse_completion_request(body: object) -> CompletionRequest:
+    """Validate a completions request body (a dict, or JSON text/bytes); problems are APIError 400."""
+    request = _parse(CompletionRequest, body)
+    request.check()
+    return request
+
+
+def _parse(model: type[BaseModel], body: object):
+    if isinstance(body, str | bytes | bytearray):
+        try:
+            body = json.loads(body)
+        except ValueError as err:
+            raise APIError.bad_request(f"The request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise APIError.bad_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise validation_error_to_api_error(err) from None
+
+
+def validation_error_to_api_error(err: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming the field, e.g. `messages[0].content`."""
+    first = err.errors(include_url=False)[0]
+    param = _param_name(first["loc"])
+    if first["type"] == "missing":
+        return APIError.bad_request(f"Missing required parameter: '{param}'.", param)
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    if got is None or isinstance(got, bool | int | float) or (isinstance(got, str)
+                                                             and len(got) <= 40):
+        message += f" (got {json.dumps(got)})"
+    return APIError.bad_request(f"Invalid '{param}': {message}.", param)
+
+
+def _param_name(loc: tuple) -> str:
+    parts = ""
+    for item in loc:
+        if isinstance(item, int):
+            parts += f"[{item}]"
+        elif item.isidentifier():  # skips pydantic's union/validator tags such as 'list[int]'
+            parts += f".{item}" if parts else item
+    return parts or "body"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

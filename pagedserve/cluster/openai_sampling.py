@@ -1,0 +1,102 @@
+"""Map a validated OpenAI request onto the engine's SamplingParams."""
+
+from __future__ import annotations
+
+import re
+
+from pagedserve.cluster.openai_errors import APIError
+from pagedserve.cluster.openai_requests import ChatCompletionRequest, CompletionRequest
+from pagedserve.sampling_params import SamplingParams
+
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+
+def to_sampling_params(request: OpenAIRequest, max_model_len: int,
+                       prompt_len: int) -> SamplingParams:
+    """SamplingParams for one prompt of `prompt_len` tokens; APIError 400 on a bad combination.
+
+    Without max tokens in the request the completion may fill the context (vLLM's default).
+    """
+    max_tokens_param = _max_tokens_param(request)
+    max_tokens = _checked_max_tokens(getattr(request, max_tokens_param), max_tokens_param,
+                                     max_model_len, prompt_len, _prompt_param(request))
+    try:
+        return SamplingParams(**_fields(request), max_tokens=max_tokens)
+    except ValueError as err:
+        raise _sampling_error(err, request, max_tokens_param) from None
+
+
+def request_logprobs(request: OpenAIRequest) -> int | None:
+    """How many alternatives per token to return, or None for no logprobs at all."""
+    if isinstance(request, ChatCompletionRequest):
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs
+
+
+def _fields(request: OpenAIRequest) -> dict:
+    def given(value, default):
+        return default if value is None else value
+
+    return dict(
+        n=request.n,
+        temperature=given(request.temperature, 1.0),
+        top_p=given(request.top_p, 1.0),
+        top_k=given(request.top_k, 0),
+        min_p=given(request.min_p, 0.0),
+        presence_penalty=given(request.presence_penalty, 0.0),
+        frequency_penalty=given(request.frequency_penalty, 0.0),
+        repetition_penalty=given(request.repetition_penalty, 1.0),
+        min_tokens=given(request.min_tokens, 0),
+        stop=list(request.stop or []),
+        stop_token_ids=list(request.stop_token_ids or []),
+        ignore_eos=given(request.ignore_eos, False),
+        seed=request.seed,
+        logprobs=request_logprobs(request),
+        include_stop_str_in_output=given(request.include_stop_str_in_output, False),
+        skip_special_tokens=given(request.skip_special_tokens, True),
+    )
+
+
+def _max_tokens_param(request: OpenAIRequest) -> str:
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def _prompt_param(request: OpenAIRequest) -> str:
+    return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+
+
+def _checked_max_tokens(requested: int | None, param: str, max_model_len: int, prompt_len: int,
+                        prompt_param: str) -> int:
+    if prompt_len >= max_model_len:
+        raise APIError.bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"{prompt_param} resulted in {prompt_len} tokens, which leaves no room for a "
+            f"completion. Please reduce the length of the {prompt_param}.", prompt_param,
+            "context_length_exceeded")
+    if requested is None:
+        return max_model_len - prompt_len
+    if prompt_len + requested > max_model_len:
+        raise APIError.bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, "
+            f"{requested} in the completion). Please reduce the length of the {prompt_param} or "
+            "completion.", param, "context_length_exceeded")
+    return requested
+
+
+_FIELD_IN_MESSAGE = re.compile(r"^SamplingParams\.(\w+) ")
+
+
+def _sampling_error(err: ValueError, request: OpenAIRequest, max_tokens_param: str) -> APIError:
+    """SamplingParams names its own fields; name the request's field instead."""
+    text = str(err)
+    match = _FIELD_IN_MESSAGE.match(text)
+    field = match.group(1) if match else None
+    if field == "max_tokens":
+        field = max_tokens_param
+    elif field == "logprobs" and isinstance(request, ChatCompletionRequest):
+        field = "top_logprobs"
+    message = _FIELD_IN_MESSAGE.sub("", text) if match else text
+    return APIError.bad_request(f"Invalid '{field}': {message}." if field else message, field)

@@ -1,0 +1,20 @@
+"""Server-sent events framing for OpenAI streams."""
+
+from __future__ import annotations
+
+import json
+
+from pagedserve.cluster.openai_errors import APIError
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_event(obj: dict) -> str:
+    """One `data:` event. Non-ASCII text stays UTF-8 (the response body is UTF-8)."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_error(err: APIError) -> str:
+    """An error after the stream started (the status line is already sent): an event whose
+    data is the error object, which OpenAI SDKs raise. Follow it with `SSE_DONE`."""
+    return sse_event(err.to_dict())

@@ -44,3 +44,37 @@ class EngineConfig(BaseModel):
                 f"({self.max_model_len}) when enable_chunked_prefill is False"
             )
         return self
+
+
+class RouterConfig(BaseModel):
+    """How the router actor admits requests to replicas."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_queue_len: int = Field(default=1024, ge=1)  # beyond this, new requests get 503
+    max_waiting_per_replica: int = Field(default=4, ge=0)  # engine backlog that blocks admission
+    imbalance_bound: int = Field(default=8, ge=0)  # affinity yields if load > least load + this
+    retry_after_s: int = Field(default=1, ge=1)
+    report_interval_s: float = Field(default=0.05, gt=0)  # replica -> router capacity reports
+    stale_after_s: float = Field(default=30.0, gt=0)  # a silent replica is dropped after this
+    max_hashes_per_report: int = Field(default=8192, ge=0)
+
+
+class ClusterConfig(BaseModel):
+    """Settings of the Serve application: engine, replicas, router and HTTP limits.
+
+    Built once from the `args` of a serve config file; unknown keys are an error.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    served_model_name: str | None = None  # the `model` clients send; default: the model's name
+    num_replicas: int = Field(default=1, ge=1)
+    replica_num_cpus: float = Field(default=1.0, ge=0)
+    replica_num_gpus: float = Field(default=0.0, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    max_tokens_limit: int | None = Field(default=None, ge=1)  # cap on a request's max_tokens
+    warmup: bool = True  # one real generation before a replica reports ready

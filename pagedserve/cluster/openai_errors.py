@@ -23,6 +23,11 @@ class APIError(Exception):
         self.code = code
         self.retry_after = retry_after
 
+    def __reduce__(self):
+        """Pickle with every field, so handle callers in other processes get the same error."""
+        return (APIError, (self.status, self.message, self.type, self.param, self.code,
+                           self.retry_after))
+
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}

@@ -37,6 +37,10 @@ class AsyncEngine:
     def from_config(cls, config: EngineConfig, progress: bool = True) -> AsyncEngine:
         return cls(LLMEngine(config, progress=progress))
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the engine loop stopped on an error."""
+        self._raise_if_dead()
+
     @property
     def is_running(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done() and self._error is None
@@ -69,6 +73,17 @@ class AsyncEngine:
     async def stats(self) -> EngineStats:
         return await self._run(self.engine.stats)
 
+    def stats_nowait(self) -> EngineStats:
+        """A snapshot read from the event loop without waiting for a running step.
+
+        It reads only counters and lengths, so it is consistent enough for routing decisions.
+        """
+        return self.engine.stats()
+
+    async def cached_block_hashes(self) -> set[int]:
+        """Hashes of the prefix blocks the engine can reuse (read between steps)."""
+        return await self._run(self.engine.block_manager.cached_block_hashes)
+
     async def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -79,7 +94,7 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = _latest(queue, await queue.get())
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine stopped: {item!r}") from item
                 finished = item.finished
@@ -118,6 +133,17 @@ class AsyncEngine:
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _latest(queue: asyncio.Queue, item):
+    """Skip to the newest queued item: outputs are cumulative, so it holds the others' news.
+
+    A consumer slower than the engine (a remote caller, say) then gets fewer, larger deltas
+    instead of falling behind one step at a time.
+    """
+    while not isinstance(item, BaseException) and not queue.empty():
+        item = queue.get_nowait()
+    return item
 
 
 def _delta(out: RequestOutput, seen: dict[int, tuple[int, int]]) -> RequestOutput:

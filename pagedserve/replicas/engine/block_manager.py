@@ -15,6 +15,16 @@ def block_hash(parent_hash: int | None, tokens: list[int]) -> int:
     return hash((parent_hash if parent_hash is not None else -1, *tokens))
 
 
+def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of a prompt's full blocks, as the block manager would register them."""
+    hashes: list[int] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = block_hash(parent, token_ids[start:start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
 class Block:
     __slots__ = ("block_id", "ref_count", "hash", "parent_hash", "token_ids")
 

@@ -1,0 +1,45 @@
+"""The Serve application: `build_app(args)` binds the ingress, the router actor and the replicas.
+
+    serve run ray_configs/local.yaml      # import path pagedserve.cluster.app:build_app
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from pagedserve.cluster.ingress import IngressDeployment
+from pagedserve.cluster.pinned_router import PinnedRequestRouter
+from pagedserve.cluster.router import RouterDeployment
+from pagedserve.config import ClusterConfig
+from pagedserve.replicas.deployment import ReplicaDeployment
+
+APP_NAME = "pagedserve"
+INGRESS_MAX_ONGOING = 4096  # the ingress only waits on I/O
+EXTRA_REPLICA_CALLS = 16  # stats and health calls beside generation streams
+
+
+def build_app(args: dict | None = None) -> Application:
+    """Validate `args` as a ClusterConfig (unknown keys are an error) and bind the app."""
+    config = ClusterConfig(**(args or {}))
+    as_dict = config.model_dump()
+    router = serve.deployment(
+        RouterDeployment, name="Router", num_replicas=1,
+        max_ongoing_requests=config.router.max_queue_len + 1024,
+        ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": False},  # capacity reports arrive every 50 ms
+    ).bind(config.router.model_dump())
+    replicas = serve.deployment(
+        ReplicaDeployment, name="Replica",
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=(config.engine.max_num_seqs + config.router.max_waiting_per_replica
+                              + EXTRA_REPLICA_CALLS),
+        ray_actor_options={"num_cpus": config.replica_num_cpus,
+                           "num_gpus": config.replica_num_gpus},
+        request_router_config=RequestRouterConfig(request_router_class=PinnedRequestRouter),
+    ).bind(as_dict, router)
+    return serve.deployment(
+        IngressDeployment, name="Ingress", num_replicas=1,
+        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
+    ).bind(as_dict, router, replicas)

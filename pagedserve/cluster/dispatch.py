@@ -1,0 +1,130 @@
+"""From the ingress to a replica: admission through the router, then the replica's delta stream.
+
+A request that fails because its replica died before producing anything is admitted again
+elsewhere (the router is told the replica failed); one that already streamed tokens is not
+retried, since its client has seen part of an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from pagedserve.cluster.admission import QueueFullError
+from pagedserve.cluster.openai_errors import APIError
+from pagedserve.outputs import RequestOutput
+from pagedserve.replicas.engine.block_manager import prompt_block_hashes
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+@dataclass
+class Job:
+    """One engine request: a prompt (token ids) and how to sample it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+
+
+class Dispatcher:
+    """Admits jobs through the router actor and streams their deltas from the chosen replica."""
+
+    def __init__(self, router, replicas, block_size: int, retry_after_s: int) -> None:
+        self.router = router
+        self.replicas = replicas.options(stream=True)
+        self.block_size = block_size
+        self.retry_after_s = retry_after_s
+
+    async def stream(self, job: Job) -> AsyncIterator[RequestOutput]:
+        """Yield the job's deltas; re-route it if its replica dies before the first one."""
+        failed: set[str] = set()
+        for attempt in range(MAX_ATTEMPTS):
+            replica_id = await self._admit(job, failed)
+            started = False
+            try:
+                async for delta in self._call(job, replica_id, attempt):
+                    started = True
+                    yield delta
+                return
+            except _REPLICA_GONE as err:
+                if started:
+                    raise
+                logger.warning("replica %s died before %s started: %r; re-routing",
+                               replica_id, job.request_id, err)
+                failed.add(replica_id)
+                await self.router.replica_failed.remote(replica_id)
+        raise APIError(503, f"no replica could run the request after {MAX_ATTEMPTS} attempts",
+                       "service_unavailable", None, "replica_failed")
+
+    async def _admit(self, job: Job, failed: set[str]) -> str:
+        request = {
+            "request_id": job.request_id,
+            "num_prompt_tokens": len(job.prompt_token_ids),
+            "block_hashes": prompt_block_hashes(job.prompt_token_ids, self.block_size),
+            "priority": job.priority,
+            "exclude": sorted(failed),
+        }
+        try:
+            return await self.router.admit.remote(request)
+        except QueueFullError as err:
+            raise APIError.overloaded(self.retry_after_s, str(err)) from None
+
+    async def _call(self, job: Job, replica_id: str, attempt: int) -> AsyncIterator[RequestOutput]:
+        engine_request_id = job.request_id if attempt == 0 else f"{job.request_id}-retry{attempt}"
+        stream = self.replicas.generate.remote(
+            job.prompt_token_ids, job.params, engine_request_id, target_replica=replica_id)
+        delivered = completed = False
+        try:
+            async for delta in stream:
+                delivered = True
+                yield delta
+            completed = True
+        finally:
+            if not completed:  # the client left or the call failed: stop the replica's work
+                stream.cancel()
+            if not delivered:
+                await asyncio.shield(self.router.release.remote(replica_id, job.request_id))
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators, yielding `(stream index, item)` as items arrive."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            await queue.put((index, err))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

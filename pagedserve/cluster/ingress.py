@@ -1,0 +1,142 @@
+"""The HTTP and handle front door: OpenAI routes on FastAPI inside a Serve deployment.
+
+    POST /v1/chat/completions, POST /v1/completions (both with `stream: true` SSE),
+    GET /v1/models, /healthz (alive), /readyz (a warm replica exists), /metrics (Prometheus)
+
+Python callers use the same logic through `serve.get_app_handle("pagedserve")`:
+`chat_completions(body)` / `completions(body)` return the response dict, or, when the body says
+`"stream": true` and the call uses `handle.options(stream=True)`, yield the chunk dicts.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real `Request` type.
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagedserve.cluster.dispatch import Dispatcher
+from pagedserve.cluster.metrics import IngressMetrics
+from pagedserve.cluster.openai_errors import APIError
+from pagedserve.cluster.openai_responses import models_list
+from pagedserve.cluster.openai_sse import SSE_DONE, sse_error, sse_event
+from pagedserve.cluster.service import OpenAIService, load_model_info
+from pagedserve.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+api = FastAPI(title="pagedserve", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods get OpenAI-shaped errors too."""
+    error = APIError(err.status_code, str(err.detail), "invalid_request_error")
+    return JSONResponse(error.to_dict(), status_code=err.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    error = APIError.bad_request(f"invalid request: {err.errors()}")
+    return JSONResponse(error.to_dict(), status_code=400)
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError.too_large(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError.too_large(f"request body exceeds the {limit}-byte limit")
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise APIError.bad_request(f"request body is not valid JSON: {err}") from None
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers())
+
+
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+    except APIError as err:
+        yield sse_error(err)
+    except Exception:
+        logger.exception("stream failed")
+        yield sse_error(APIError.server_error())
+    yield SSE_DONE
+
+
+# Helpers above are defined before the class on purpose: Serve serializes the decorated class
+# with the module globals that exist at decoration time.
+@serve.ingress(api)
+class IngressDeployment:
+    """Validates and tokenizes requests, admits them through the router, streams the replies."""
+
+    def __init__(self, config: dict, router, replicas) -> None:
+        self.config = ClusterConfig(**config)
+        self.router = router
+        self.metrics = IngressMetrics()
+        self.created = int(time.time())
+        dispatcher = Dispatcher(router, replicas, self.config.engine.block_size,
+                                self.config.router.retry_after_s)
+        self.service = OpenAIService(self.config, load_model_info(self.config), dispatcher,
+                                     self.metrics)
+
+    async def chat_completions(self, body: dict) -> "dict | AsyncIterator[dict]":
+        """Handle API: a `chat.completion` dict, or chunk dicts when `body["stream"]`."""
+        return await self.service.chat_completions(body)
+
+    async def completions(self, body: dict) -> "dict | AsyncIterator[dict]":
+        """Handle API: a `text_completion` dict, or chunk dicts when `body["stream"]`."""
+        return await self.service.completions(body)
+
+    @api.post("/v1/chat/completions")
+    async def http_chat_completions(self, request: Request) -> Response:
+        return await self._http(request, self.service.chat_completions)
+
+    @api.post("/v1/completions")
+    async def http_completions(self, request: Request) -> Response:
+        return await self._http(request, self.service.completions)
+
+    @api.get("/v1/models")
+    async def http_models(self) -> JSONResponse:
+        return JSONResponse(models_list(self.service.models(), self.created))
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        ready = await self.router.num_ready_replicas.remote()
+        status = 200 if ready > 0 else 503
+        return JSONResponse({"ready": ready > 0, "replicas": ready}, status_code=status)
+
+    @api.get("/metrics")
+    async def prometheus_metrics(self) -> Response:
+        stats = await self.router.stats.remote()
+        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+
+    async def _http(self, request: Request, handler) -> Response:
+        try:
+            body = await _read_json(request, self.config.max_request_bytes)
+            result = await handler(body)
+        except APIError as err:
+            return _error_response(err)
+        except Exception:
+            logger.exception("request failed")
+            return _error_response(APIError.server_error())
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(_sse(result), media_type="text/event-stream")

@@ -1,0 +1,183 @@
+"""The OpenAI endpoints' logic, shared by HTTP and Python handle callers.
+
+Validation, the chat template and tokenization happen here, before anything is queued, so a bad
+request never reaches a replica. Each prompt becomes one engine job; its deltas are turned into
+OpenAI chunks, or gathered into one response for unary calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pagedserve.cluster.dispatch import Dispatcher, Job, merge_streams
+from pagedserve.cluster.metrics import IngressMetrics
+from pagedserve.cluster.openai_errors import APIError
+from pagedserve.cluster.openai_prompts import completion_prompts, render_chat
+from pagedserve.cluster.openai_requests import parse_chat_request, parse_completion_request
+from pagedserve.cluster.openai_responses import ChatResponseBuilder, CompletionResponseBuilder
+from pagedserve.cluster.openai_sampling import to_sampling_params
+from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
+from pagedserve.config import ClusterConfig
+from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
+from pagedserve.replicas.models.registry import load_tokenizer, resolve_model_dir
+from pagedserve.replicas.models.spec import load_model_spec
+
+
+@dataclass
+class ModelInfo:
+    """What the ingress knows of the served model without loading its weights."""
+
+    name: str
+    tokenizer: object
+    max_model_len: int
+    vocab_size: int
+
+
+def load_model_info(config: ClusterConfig) -> ModelInfo:
+    """Tokenizer and limits of the served model, read without loading its weights."""
+    model_dir = resolve_model_dir(config.engine.model, progress=False)
+    spec = load_model_spec(model_dir)
+    limits = [spec.max_position_embeddings]
+    if spec.sliding_window is not None:
+        limits.append(spec.sliding_window)
+    if config.engine.max_model_len is not None:
+        limits.append(config.engine.max_model_len)
+    name = config.served_model_name or (
+        DEFAULT_MODEL_NAME if config.engine.model is None else model_dir.name)
+    return ModelInfo(name=name, tokenizer=load_tokenizer(model_dir), max_model_len=min(limits),
+                     vocab_size=spec.vocab_size)
+
+
+class OpenAIService:
+    """`chat_completions` / `completions`: a response dict, or an async iterator of chunks."""
+
+    def __init__(self, config: ClusterConfig, model: ModelInfo, dispatcher: Dispatcher,
+                 metrics: IngressMetrics) -> None:
+        self.config = config
+        self.model = model
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+
+    async def chat_completions(self, body: object) -> dict | AsyncIterator[dict]:
+        with self._counting_errors():
+            request = parse_chat_request(body)
+            self._check_model(request.model)
+            prompt = render_chat(request, self.model.tokenizer)
+            request_id = uuid.uuid4().hex
+            jobs = [Job(request_id, prompt, self._params(request, prompt))]
+        args = (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
+        if request.stream:
+            return await self._stream(jobs, ChatStream.for_request(*args))
+        return await self._unary(jobs, ChatResponseBuilder.for_request(*args))
+
+    async def completions(self, body: object) -> dict | AsyncIterator[dict]:
+        with self._counting_errors():
+            request = parse_completion_request(body)
+            self._check_model(request.model)
+            request_id = uuid.uuid4().hex
+            jobs = []
+            for i, prompt in enumerate(completion_prompts(request)):
+                token_ids = self._tokenize(prompt)
+                jobs.append(Job(f"{request_id}-{i}", token_ids, self._params(request, token_ids)))
+        args = (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
+        if request.stream:
+            return await self._stream(jobs, CompletionStream.for_request(*args))
+        return await self._unary(jobs, CompletionResponseBuilder.for_request(*args))
+
+    def models(self) -> list[str]:
+        return [self.model.name]
+
+    async def _unary(self, jobs: list[Job], builder) -> dict:
+        n = jobs[0].params.n
+        async for index, delta in self._deltas(jobs):
+            builder.add(delta, choice_offset=index * n)
+        return builder.response(_prompt_tokens(jobs))
+
+    async def _stream(self, jobs: list[Job], stream) -> AsyncIterator[dict]:
+        deltas = self._deltas(jobs)
+        first = await anext(deltas)  # admission errors (503) surface before any byte is sent
+        return self._chunks(first, deltas, stream, jobs)
+
+    async def _chunks(self, first, deltas, stream, jobs: list[Job]) -> AsyncIterator[dict]:
+        n = jobs[0].params.n
+        for chunk in stream.on_delta(first[1], choice_offset=first[0] * n):
+            yield chunk
+        async for index, delta in deltas:
+            for chunk in stream.on_delta(delta, choice_offset=index * n):
+                yield chunk
+        for chunk in stream.finish(_prompt_tokens(jobs)):
+            yield chunk
+
+    async def _deltas(self, jobs: list[Job]) -> AsyncIterator[tuple[int, object]]:
+        """Every job's deltas as `(job index, delta)`, with latency and status recorded."""
+        start = time.monotonic()
+        first_token_at = None
+        tokens, status = 0, 500
+        try:
+            async for index, delta in merge_streams([self.dispatcher.stream(j) for j in jobs]):
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                    self.metrics.observe("ttft_s", first_token_at - start)
+                tokens += sum(len(out.token_ids) for out in delta.outputs)
+                yield index, delta
+            status = 200
+        except APIError as err:
+            status = err.status
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            status = 499  # the client went away
+            raise
+        finally:
+            self._record(status, start, first_token_at, tokens)
+
+    def _record(self, status: int, start: float, first_token_at: float | None,
+                tokens: int) -> None:
+        end = time.monotonic()
+        self.metrics.count_request(status, tokens)
+        if status == 200:
+            self.metrics.observe("e2e_s", end - start)
+            if first_token_at is not None and tokens > 1:
+                self.metrics.observe("tpot_s", (end - first_token_at) / (tokens - 1))
+
+    @contextmanager
+    def _counting_errors(self):
+        try:
+            yield
+        except APIError as err:
+            self.metrics.count_request(err.status)
+            raise
+
+    def _params(self, request, prompt_token_ids: list[int]):
+        params = to_sampling_params(request, self.model.max_model_len, len(prompt_token_ids))
+        limit = self.config.max_tokens_limit
+        if limit is not None and params.max_tokens is not None and params.max_tokens > limit:
+            raise APIError.bad_request(
+                f"max_tokens is {params.max_tokens}; this server allows at most {limit}",
+                "max_tokens")
+        return params
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            vocab = self.model.vocab_size
+            bad = [t for t in prompt if t >= vocab]
+            if bad:
+                raise APIError.bad_request(
+                    f"token id {bad[0]} is outside the vocabulary (size {vocab})", "prompt")
+            return prompt
+        token_ids = self.model.tokenizer.encode(prompt)
+        if not token_ids:
+            raise APIError.bad_request("prompt encodes to no tokens", "prompt")
+        return token_ids
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model.name:
+            raise APIError.model_not_found(model)
+
+
+def _prompt_tokens(jobs: list[Job]) -> int:
+    return sum(len(job.prompt_token_ids) for job in jobs)

@@ -1,0 +1,153 @@
+"""The Ray Serve deployment that hosts one engine: one replica of the model.
+
+It streams output deltas to its caller over Serve's handle streaming, tells the router actor
+its capacity and the prefix blocks it caches every few tens of milliseconds, and reports ready
+only after the weights, the KV cache and one real generation are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+import torch
+from ray import serve
+from ray.serve.metrics import Gauge
+
+from pagedserve.config import ClusterConfig
+from pagedserve.outputs import RequestOutput
+from pagedserve.replicas.engine.async_engine import AsyncEngine
+from pagedserve.replicas.engine.llm_engine import EngineStats
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+HASH_REPORT_PERIOD_S = 0.5  # prefix summaries change slowly; capacity is sent more often
+HEARTBEAT_S = 1.0
+
+
+class ReplicaDeployment:
+    """One engine behind Serve; `generate` yields `RequestOutput` deltas."""
+
+    async def __init__(self, config: dict, router=None) -> None:
+        self.config = ClusterConfig(**config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        loop = asyncio.get_running_loop()
+        self.engine: AsyncEngine = await loop.run_in_executor(
+            None, AsyncEngine.from_config, self.config.engine, False)
+        if self.config.warmup:
+            await self._warm_up()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.router = router
+        self.draining = False
+        self._received: list[str] = []
+        self._gauges = _replica_gauges()
+        self._reporter = asyncio.create_task(self._report_loop()) if router is not None else None
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       target_replica: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Run one prompt; yield deltas. `target_replica` is read by the pinned request router."""
+        self._received.append(request_id)  # frees the router's reservation, even on error
+        stream = await self.engine.add_request(prompt, params, request_id)
+        async for delta in stream:
+            yield delta
+
+    async def stats(self) -> dict:
+        """Engine counters plus this replica's id (tests and operators read it)."""
+        stats = asdict(await self.engine.stats())
+        return {"replica_id": self.replica_id, **stats}
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        s = self.engine.stats_nowait()
+        return {
+            "kv_usage": 1.0 - s.num_free_blocks / max(1, s.num_total_blocks),
+            "num_running": float(s.num_running),
+            "num_waiting": float(s.num_waiting),
+        }
+
+    async def drain(self) -> None:
+        """Stop taking new requests from the router; running streams go on."""
+        self.draining = True
+        await self._push_report(include_hashes=False)
+
+    async def __del__(self) -> None:
+        self.draining = True
+        with contextlib.suppress(Exception):  # the router may be gone already at shutdown
+            await self._push_report(include_hashes=False)
+        if self._reporter is not None:
+            self._reporter.cancel()
+        await self.engine.shutdown()
+
+    async def _warm_up(self) -> None:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        async for _ in await self.engine.add_request("Hello", params, "warmup"):
+            pass
+
+    async def _report_loop(self) -> None:
+        interval = self.config.router.report_interval_s
+        last_key, last_push, last_hashes = None, 0.0, 0.0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            stats = self.engine.stats_nowait()
+            self._set_gauges(stats)
+            key = (stats.num_running, stats.num_waiting, stats.num_free_blocks, self.draining)
+            send_hashes = now - last_hashes >= HASH_REPORT_PERIOD_S and key != last_key
+            if key == last_key and not self._received and now - last_push < HEARTBEAT_S:
+                continue
+            try:
+                await self._push_report(include_hashes=send_hashes, stats=stats)
+            except Exception as err:  # a router restart must not stop this replica
+                logger.warning("capacity report to the router failed: %r", err)
+                continue
+            last_key, last_push = key, now
+            last_hashes = now if send_hashes else last_hashes
+
+    async def _push_report(self, include_hashes: bool, stats: EngineStats | None = None) -> None:
+        stats = stats or self.engine.stats_nowait()
+        hashes = None
+        if include_hashes:
+            limit = self.config.router.max_hashes_per_report
+            hashes = list(await self.engine.cached_block_hashes())[:limit]
+        received, self._received = self._received, []
+        engine_config = self.config.engine
+        report = {
+            "replica_id": self.replica_id,
+            "max_num_seqs": engine_config.max_num_seqs,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "num_free_blocks": stats.num_free_blocks,
+            "num_total_blocks": stats.num_total_blocks,
+            "block_size": engine_config.block_size,
+            "received_ids": received,
+            "block_hashes": hashes,
+            "draining": self.draining,
+        }
+        await self.router.report.remote(report)
+
+    def _set_gauges(self, stats: EngineStats) -> None:
+        self._gauges["running"].set(stats.num_running)
+        self._gauges["waiting"].set(stats.num_waiting)
+        self._gauges["free_blocks"].set(stats.num_free_blocks)
+        self._gauges["kv_usage"].set(1.0 - stats.num_free_blocks / max(1, stats.num_total_blocks))
+        self._gauges["prefix_hit_rate"].set(stats.prefix_cache_hit_rate)
+
+
+def _replica_gauges() -> dict[str, Gauge]:
+    names = {
+        "running": "sequences in the running batch",
+        "waiting": "sequences admitted to the engine but not started",
+        "free_blocks": "free KV-cache blocks",
+        "kv_usage": "fraction of KV-cache blocks in use",
+        "prefix_hit_rate": "fraction of prompt blocks served from the prefix cache",
+    }
+    return {key: Gauge(f"pagedserve_replica_{key}", description=text)
+            for key, text in names.items()}

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedserve.replicas.models import fused_ops
+from pagedserve.replicas.models.fused_ops import add_rms_norm, rms_norm_ref
+
 
 @dataclass
 class AttentionMetadata:
@@ -23,6 +26,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] cached tokens after this step, per sequence
     query_start_loc: torch.Tensor  # [B + 1] offsets of each sequence's new tokens
     num_decodes: int
+    max_query_len: int = 1  # longest run of new tokens of one sequence (prefill kernels' grid)
 
 
 class RMSNorm(nn.Module):
@@ -34,10 +38,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """`residual += x`, then the norm of it (one fused kernel on CUDA): (normed, residual)."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Rope:
+    """This step's rotary embedding, shared by every layer.
+
+    On CPU it holds the looked-up cos/sin; on CUDA the table and the positions, which a fused
+    kernel reads directly (one launch per tensor instead of a lookup plus six elementwise ops).
+    """
+
+    def __init__(self, table: torch.Tensor, positions: torch.Tensor, head_dim: int,
+                 dtype: torch.dtype) -> None:
+        self.fused = positions.is_cuda and fused_ops.triton is not None
+        self.table, self.positions = table, positions
+        if not self.fused:
+            half = head_dim // 2
+            self.cos = table[0, :, :half][positions].unsqueeze(1).to(dtype)
+            self.sin = table[1, :, :half][positions].unsqueeze(1).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotated `x` `[T, heads, head_dim]`; on CUDA `x` is rotated in place and returned."""
+        if self.fused:
+            fused_ops.rotary_inplace(x, self.table, self.positions)
+            return x
+        return apply_rotary(x, self.cos, self.sin)
 
 
 class RotaryEmbedding(nn.Module):
@@ -58,12 +87,9 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos_sin = torch.stack((emb.cos() * scaling, emb.sin() * scaling)).to(device)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin `[T, 1, head_dim / 2]` for this step's positions, shared by every layer."""
-        half = self.head_dim // 2
-        cos = self.cos_sin[0, :, :half][positions].unsqueeze(1).to(dtype)
-        sin = self.cos_sin[1, :, :half][positions].unsqueeze(1).to(dtype)
-        return cos, sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotary embedding of this step's positions, shared by every layer."""
+        return Rope(self.cos_sin, positions, self.head_dim, dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

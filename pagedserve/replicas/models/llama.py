@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve import kernels
-from pagedserve.replicas.models.layers import (
-    AttentionMetadata,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rotary,
-)
+from pagedserve.replicas.models.fused_ops import silu_and_mul
+from pagedserve.replicas.models.layers import AttentionMetadata, RMSNorm, Rope, RotaryEmbedding
 from pagedserve.replicas.models.spec import ModelSpec
 
 
@@ -38,16 +36,21 @@ class Attention(nn.Module):
         out = _paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
-    def _rotated_qk(self, qkv: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rope
+    def _rotated_qk(self, qkv: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_norm is None:  # rotate q and k in one pass over their adjacent columns
             qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
                                                            self.head_dim)
-            qk = apply_rotary(qk, cos, sin)
+            qk = rope(qk)
             return qk[:, : self.num_heads], qk[:, self.num_heads:]
         q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(-1, self.num_kv_heads, self.head_dim)
-        return apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        return rope(self.q_norm(q)), rope(self.k_norm(k))
+
+
+# A prefill kernel that sizes its grid from the longest query takes it from the host, not a sync.
+_PREFILL_TAKES_MAX_QUERY_LEN = (
+    "max_query_len" in inspect.signature(kernels.paged_prefill_attention).parameters
+)
 
 
 def _paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -57,9 +60,10 @@ def _paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float)
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
         )
     prefill_starts = meta.query_start_loc[nd:] - nd
+    extra = {"max_query_len": meta.max_query_len} if _PREFILL_TAKES_MAX_QUERY_LEN else {}
     prefill = kernels.paged_prefill_attention(
         q[nd:], k_cache, v_cache, meta.block_tables[nd:], prefill_starts,
-        meta.context_lens[nd:], scale,
+        meta.context_lens[nd:], scale, **extra,
     )
     if nd == 0:
         return prefill
@@ -80,8 +84,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         # On a CPU two matmuls over the weight's halves beat one: SiLU and the product then run
         # on contiguous tensors, several times faster than on the strided halves of one output.
         weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
@@ -99,9 +102,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, rope, hidden, meta, kv_cache):
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), meta, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, rope, hidden, residual, meta, kv_cache):
+        """Pre-norm layer; the residual add is fused into the next norm: (output, residual)."""
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, meta, kv_cache)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -115,9 +121,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, meta, kv_caches):
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(rope, hidden, meta, kv_cache)
-        return self.norm(hidden)
+            hidden, residual = layer(rope, hidden, residual, meta, kv_cache)
+        return self.norm.add_norm(hidden, residual)[0]
 
 
 _CPU_VOCAB_SLICE = 2048

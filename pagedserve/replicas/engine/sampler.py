@@ -20,20 +20,27 @@ class Sampler:
 
     Log-probabilities are those of the raw model distribution (before penalties and
     temperature), as OpenAI-style clients expect.
+
+    Everything stays on the logits' device; which paths run is decided from the parameters on
+    the host, so the only device-to-host transfer of a step is the sampled ids (and the
+    requested logprobs). `sample_async` returns before that transfer.
     """
 
     def __init__(self, eos_token_ids: list[int]) -> None:
         self.eos_token_ids = list(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        return self.sample_async(logits, seqs).result()
+
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """Queue the sampling kernels; `.result()` on the return value waits for the ids."""
         raw_logprobs = _log_softmax_if_needed(logits, seqs)
-        logits = logits.clone()
-        self._apply_penalties(logits, seqs)
-        self._block_early_stop(logits, seqs)
+        if any(_edits_logits(s) for s in seqs):
+            logits = logits.clone()
+            self._apply_penalties(logits, seqs)
+            self._block_early_stop(logits, seqs)
         tokens = self._sample(logits, seqs)
-        token_list = tokens.tolist()
-        logprobs = _gather_logprobs(raw_logprobs, token_list, seqs)
-        return SampleResult(token_list, logprobs)
+        return PendingSample(tokens, raw_logprobs, seqs)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for row, seq in enumerate(seqs):
@@ -59,36 +66,77 @@ class Sampler:
                     logits[row, stops] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            probs = _filtered_probs(logits[rows], [seqs[i] for i in random_rows])
-            tokens[rows] = _exponential_race(probs, [seqs[i].generator for i in random_rows])
+        if not random_rows:
+            return logits.argmax(dim=-1)
+        if len(random_rows) == len(seqs):  # no row gather or scatter needed
+            return _exponential_race(_filtered_probs(logits, seqs), [s.generator for s in seqs])
+        tokens = logits.argmax(dim=-1)
+        rows = _device_list(random_rows, torch.long, logits.device)
+        random_seqs = [seqs[i] for i in random_rows]
+        probs = _filtered_probs(logits[rows], random_seqs)
+        tokens[rows] = _exponential_race(probs, [s.generator for s in random_seqs])
         return tokens
+
+
+class PendingSample:
+    """Sampled ids still on the device; `result()` copies them (and logprobs) to the host once."""
+
+    def __init__(self, tokens: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                 seqs: list[Sequence]) -> None:
+        self.tokens, self.raw_logprobs, self.seqs = tokens, raw_logprobs, seqs
+        self._host: torch.Tensor | None = None
+        self._event = None
+        if tokens.is_cuda:  # start the copy now; result() then only waits for it
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+            token_list = self._host.tolist()
+        else:
+            token_list = self.tokens.tolist()
+        return SampleResult(token_list, _gather_logprobs(self.raw_logprobs, token_list, self.seqs))
+
+
+def _edits_logits(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or seq.num_output_tokens < p.min_tokens)
+
+
+def _device_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
-    logits = logits / temperature[:, None]
+    temperatures = [s.params.temperature for s in seqs]
+    if len(set(temperatures)) == 1:
+        logits = logits / temperatures[0]
+    else:
+        logits = logits / _device_list(temperatures, torch.float32, device)[:, None]
     top_k = [s.params.top_k for s in seqs]
     if any(top_k):
         logits = _apply_top_k(logits, top_k)
     probs = logits.softmax(dim=-1)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    if bool((top_p < 1).any()):
-        probs = _apply_top_p(probs, top_p)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    if bool((min_p > 0).any()):
-        cutoff = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    top_p = [s.params.top_p for s in seqs]
+    if any(p < 1 for p in top_p):
+        probs = _apply_top_p(probs, _device_list(top_p, torch.float32, device))
+    min_p = [s.params.min_p for s in seqs]
+    if any(p > 0 for p in min_p):
+        cutoff = _device_list(min_p, torch.float32, device)[:, None] * probs.max(
+            dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < cutoff, 0.0)
     return probs
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     vocab = logits.shape[1]
-    k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=logits.device)
+    k = _device_list([min(k, vocab) if k > 0 else vocab for k in top_k], torch.long, logits.device)
     sorted_logits = logits.sort(dim=-1, descending=True).values
     kth = sorted_logits.gather(1, (k - 1)[:, None])
     return logits.masked_fill(logits < kth, float("-inf"))

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.replicas.engine.sampler import Sampler, SampleResult
+from pagedserve.kernels.triton_checks import supports_attention
+from pagedserve.replicas.engine import step_inputs
+from pagedserve.replicas.engine.cuda_graphs import DecodeGraphs
+from pagedserve.replicas.engine.kv_sizing import profile_peak_bytes
+from pagedserve.replicas.engine.sampler import PendingSample, Sampler, SampleResult
 from pagedserve.replicas.engine.scheduler import SchedulerOutput
-from pagedserve.replicas.models.layers import AttentionMetadata
 from pagedserve.replicas.models.loader import load_model
 from pagedserve.replicas.models.spec import ModelSpec
 
+logger = logging.getLogger(__name__)
+
+_MAX_GRAPH_BATCH = 512
+
+
+def _attention_is_capturable(k_cache: torch.Tensor) -> bool:
+    """The Triton kernels never sync with the host; the torch references do."""
+    if os.environ.get("PAGEDSERVE_ATTENTION", "").lower() == "torch":
+        return False
+    return supports_attention(k_cache)
+
+_GRAPH_RESERVE = 512 * 2**20  # graph pool, cuBLAS workspaces and allocator slack
+
 
 class ModelRunner:
-    """Owns the model weights and the KV cache of one device and executes scheduled steps."""
+    """Owns the model weights and the KV cache of one device and executes scheduled steps.
+
+    `execute_async` launches a step and returns before its sampled ids reach the host, so the
+    engine can schedule the next step meanwhile; that step's decode inputs may then name tokens
+    still on the device (placeholders), which are filled in from the previous step's ids there.
+    """
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_dir: str | Path,
                  device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
@@ -30,30 +53,77 @@ class ModelRunner:
             dtype=dtype, device=device,
         )
         self.sampler = Sampler(eos_token_ids)
+        self.graphs = self._capture_graphs()
+        self._prev_tokens: torch.Tensor | None = None  # last step's sampled ids, on the device
+        self._prev_rows: dict[int, int] = {}  # seq_id -> row of that tensor
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> SampleResult:
         """Compute every scheduled chunk and sample a token for each sequence that reached its end."""
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache)
+        pending = self.execute_async(batch)
+        return pending.result() if pending is not None else SampleResult([], [])
+
+    @torch.inference_mode()
+    def execute_async(self, batch: SchedulerOutput) -> PendingSample | None:
+        """Launch the step; the returned handle's `result()` waits for the sampled ids."""
+        graph_size = self._graph_size(batch)
+        host = step_inputs.prepare(batch, self.block_size, self._prev_rows, pad_to=graph_size)
+        inputs = step_inputs.upload(host, self.device)
+        if len(host.fill_rows):
+            inputs.ids[inputs.fill_rows] = self._prev_tokens[inputs.fill_from]
+        if graph_size is not None:
+            hidden = self.graphs.run(inputs, graph_size)[: host.num_seqs]
+        else:
+            hidden = self.model(inputs.ids, inputs.positions, inputs.meta, self.kv_cache)
         sampled = [s.seq for s in batch.scheduled if s.samples]
         if not sampled:
-            return SampleResult([], [])
-        logits = self.model.compute_logits(hidden[sample_rows])
-        return self.sampler(logits, sampled)
+            return None
+        if len(sampled) != host.num_seqs or graph_size is None:
+            hidden = hidden[inputs.sample_rows]
+        pending = self.sampler.sample_async(self.model.compute_logits(hidden), sampled)
+        self._prev_tokens = pending.tokens
+        self._prev_rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
+        return pending
 
     def kv_cache_bytes_per_block(self) -> int:
         spec = self.spec
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
 
+    @property
+    def max_blocks_per_seq(self) -> int:
+        longest = min(self.spec.max_position_embeddings, self.num_blocks * self.block_size)
+        if self.config.max_model_len is not None:
+            longest = min(longest, self.config.max_model_len)
+        return -(-longest // self.block_size)
+
+    def _graph_size(self, batch: SchedulerOutput) -> int | None:
+        num_seqs = len(batch.scheduled)
+        if self.graphs is None or batch.num_decodes != num_seqs:
+            return None  # eager: no graphs, or a step with prefill chunks
+        return self.graphs.padded_size(num_seqs)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        if not _attention_is_capturable(self.kv_cache[0, 0]):
+            logger.info("decode CUDA graphs off: the attention kernels here sync with the host")
+            return None
+        max_batch = min(self.config.max_num_seqs, _MAX_GRAPH_BATCH)
+        graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, self.max_blocks_per_seq)
+        try:
+            graphs.capture()
+        except RuntimeError as err:  # e.g. an attention implementation that syncs with the host
+            logger.warning("decode CUDA graphs unavailable, running eagerly: %s", err)
+            torch.cuda.synchronize()
+            return None
+        return graphs
+
     def _num_kv_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
             return self.config.num_kvcache_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.gpu_memory_utilization - used - _activation_reserve(self)
+            budget = self._cuda_kv_budget()
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         blocks = int(budget // self.kv_cache_bytes_per_block())
@@ -64,41 +134,17 @@ class ModelRunner:
             )
         return blocks
 
-    def _prepare(self, batch: SchedulerOutput):
-        bs = self.block_size
-        ids, pos, slots, starts, ctx, tables, sample_rows = [], [], [], [0], [], [], []
-        for item in batch.scheduled:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_tokens
-            ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            starts.append(starts[-1] + item.num_tokens)
-            ctx.append(end)
-            tables.append(table)
-            if item.samples:
-                sample_rows.append(starts[-1] - 1)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.long),
-            block_tables=self._tensor(_pad(tables), torch.int32),
-            context_lens=self._tensor(ctx, torch.int32),
-            query_start_loc=self._tensor(starts, torch.int32),
-            num_decodes=batch.num_decodes,
-        )
-        return self._tensor(ids, torch.long), self._tensor(pos, torch.long), meta, sample_rows
+    def _cuda_kv_budget(self) -> float:
+        """Memory left under `gpu_memory_utilization` after the largest step's peak.
 
-    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-
-def _pad(tables: list[list[int]]) -> list[list[int]]:
-    width = max(len(t) for t in tables)
-    return [t + [0] * (width - len(t)) for t in tables]
-
-
-def _activation_reserve(runner: ModelRunner) -> int:
-    """Bytes kept free for activations and logits of the largest step."""
-    spec, tokens = runner.spec, runner.config.max_num_batched_tokens
-    per_token = 4 * (spec.hidden_size * 4 + spec.intermediate_size * 2) + 4 * spec.vocab_size
-    return tokens * per_token + 512 * 2**20
+        A forward of `max_num_batched_tokens` tokens (plus sampling of `max_num_seqs` rows) runs
+        first; its peak of allocated memory, the weights included, and whatever else holds device
+        memory (the CUDA context, other processes) are subtracted from the allowed total.
+        """
+        peak = profile_peak_bytes(self)
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - others - peak - _GRAPH_RESERVE
+        logger.info("KV budget %.2f GiB (peak %.2f GiB, other %.2f GiB, total %.2f GiB)",
+                    budget / 2**30, peak / 2**30, others / 2**30, total / 2**30)
+        return budget

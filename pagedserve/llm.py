@@ -74,7 +74,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as bar:
             while len(finished) < len(request_ids):
-                for out in self.engine.step():
+                for out in self.engine.step(stream=False):
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)

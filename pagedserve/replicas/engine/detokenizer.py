@@ -78,6 +78,21 @@ class IncrementalDetokenizer:
         self._num_output_tokens += len(new_token_ids)
         return self._publish(old_len)
 
+    def extend(self, new_token_ids: list[int]) -> None:
+        """Feed many ids at once when there are no stop strings: one decode pair for all of them.
+
+        The text comes out as `update` would give it; only its step-by-step growth is coarser.
+        """
+        if self.stop:
+            raise RuntimeError("extend() skips stop-string checks; use update() with stop strings")
+        if self.finished:
+            raise RuntimeError("extend() called after the detokenizer finished")
+        old_len = len(self._decoded)
+        self._ids.extend(new_token_ids)
+        self._decoded += self._read(force=False)
+        self._num_output_tokens += len(new_token_ids)
+        self._publish(old_len)
+
     def finish(self) -> None:
         """End without a stop string (EOS, length, abort): release all held-back text."""
         if self.finished:

@@ -12,8 +12,9 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import BlockManager
 from pagedserve.replicas.engine.model_runner import ModelRunner
 from pagedserve.replicas.engine.request import Request
-from pagedserve.replicas.engine.sampler import SampleResult
+from pagedserve.replicas.engine.sampler import PendingSample, SampleResult
 from pagedserve.replicas.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.replicas.engine.sequence import PLACEHOLDER
 from pagedserve.replicas.models.registry import eos_token_ids, load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
 from pagedserve.sampling_params import SamplingParams
@@ -21,6 +22,21 @@ from pagedserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _InFlight:
+    """A launched batch whose sampled tokens have not been applied yet."""
+
+    batch: SchedulerOutput
+    pending: PendingSample | None
+    sample_indices: list[int]  # where each sampled token goes in its sequence's token_ids
+    needs_sync: bool  # a sequence samples from its history (penalties) or shares a prompt (n > 1)
+
+
+def _needs_history(seq) -> bool:
+    p = seq.params
+    return p.n > 1 or p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
 
 
 @dataclass
@@ -59,6 +75,9 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.max_model_len = self._max_model_len()
         self.requests: dict[str, Request] = {}
+        # Overlap host work with the device's: pays on a GPU, would only reorder work on a CPU.
+        self.overlap_steps = self.device.type == "cuda"
+        self._in_flight: _InFlight | None = None
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None) -> None:
@@ -88,13 +107,26 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list[RequestOutput]:
-        """Run one batch; return the current output of every request that advanced."""
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """Run one batch; return the output of every request that advanced.
+
+        With `stream=False` only finished requests' outputs are built (the offline API needs no
+        more), which saves building and detokenizing every running request every step.
+
+        On CUDA the step is pipelined: this call launches the next batch, then collects the
+        previous one's tokens while the GPU works, so outputs lag the launch by one step.
+        """
+        touched: dict[str, Request] = {}
+        if self._in_flight is not None and self._in_flight.needs_sync:
+            self._resolve(touched)  # the next batch needs those tokens on the host (penalties)
         batch = self.scheduler.schedule()
-        if not batch.scheduled:
-            return []
-        result = self.runner.execute(batch)
-        return self._postprocess(batch, result)
+        launched = self._launch(batch) if batch.scheduled else None
+        if self._in_flight is not None:
+            self._resolve(touched)
+        self._in_flight = launched
+        if launched is not None and not self.overlap_steps:
+            self._resolve(touched)
+        return self._outputs(touched, stream)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -107,30 +139,56 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    def _postprocess(self, batch: SchedulerOutput, result: SampleResult) -> list[RequestOutput]:
-        touched: dict[str, Request] = {}
-        samples = iter(zip(result.token_ids, result.logprobs, strict=True))
+    def _launch(self, batch: SchedulerOutput) -> _InFlight:
+        """Start the batch on the device and advance its sequences as if it had finished.
+
+        Each sampled token is a placeholder in `token_ids` until `_resolve` puts it there, so
+        the scheduler can plan the next step (lengths, blocks) before the token is known.
+        """
+        pending = self.runner.execute_async(batch)
+        indices, needs_sync = [], False
         for item in batch.scheduled:
             seq = item.seq
-            sampled = item.samples
             seq.num_computed_tokens += item.num_tokens
-            self.block_manager.register_computed_blocks(seq)
-            if not sampled:
+            if item.samples:
+                seq.token_ids.append(PLACEHOLDER)
+                indices.append(len(seq.token_ids) - 1)
+                needs_sync = needs_sync or _needs_history(seq)
+        return _InFlight(batch, pending, indices, needs_sync)
+
+    def _resolve(self, touched: dict[str, Request]) -> None:
+        """Wait for the launched batch's tokens and apply them: stops, finishes, prefix blocks."""
+        flight, self._in_flight = self._in_flight, None
+        result = flight.pending.result() if flight.pending is not None else SampleResult([], [])
+        samples = iter(zip(result.token_ids, result.logprobs, flight.sample_indices, strict=True))
+        for item in flight.batch.scheduled:
+            seq = item.seq
+            sample = next(samples) if item.samples else None
+            if seq.is_finished:
+                continue  # aborted, or ended by an earlier token while this batch ran
+            if sample is None:
+                self.block_manager.register_computed_blocks(seq)
                 continue
-            token_id, logprobs = next(samples)
+            token_id, logprobs, index = sample
             request = self.requests[seq.request_id]
             if logprobs is not None:
                 seq.logprobs.append(logprobs)
                 seq.cumulative_logprob += logprobs[token_id]
-            reason = request.on_token(seq, token_id, self.eos_token_ids)
+            reason = request.on_sampled(seq, index, token_id, self.eos_token_ids)
+            self.block_manager.register_computed_blocks(seq)
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
             touched[seq.request_id] = request
-        outputs = [request.output() for request in touched.values()]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+
+    def _outputs(self, touched: dict[str, Request], stream: bool) -> list[RequestOutput]:
+        outputs = []
+        for request in touched.values():
+            finished = request.finished
+            if stream or finished:
+                outputs.append(request.output())
+            if finished:
+                del self.requests[request.request_id]
         return outputs
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -19,6 +19,8 @@ class Request:
         self.params = params
         self.max_output_tokens = min(params.max_tokens or max_model_len, max_model_len - len(prompt_token_ids))
         self.seqs = [Sequence(request_id, i, prompt_token_ids, params, block_size) for i in range(params.n)]
+        for seq in self.seqs:
+            seq.max_len = len(prompt_token_ids) + self.max_output_tokens
         for seq in self.seqs[1:]:
             seq.leader = self.seqs[0]
         self.detokenizers = [
@@ -28,35 +30,68 @@ class Request:
             )
             for _ in self.seqs
         ]
+        # Without stop strings, text is only needed when an output is built: ids wait here and
+        # are detokenized in one pass then, instead of two tokenizer calls per token per step.
+        self._undecoded: list[list[int]] = [[] for _ in self.seqs]
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
 
     def on_token(self, seq: Sequence, token_id: int, eos_ids: list[int]) -> str | None:
-        """Record a sampled token; return the finish reason if `seq` is now done."""
+        """Append a sampled token; return the finish reason if `seq` is now done."""
         seq.append_token(token_id)
+        return self.on_sampled(seq, len(seq) - 1, token_id, eos_ids)
+
+    def on_sampled(self, seq: Sequence, index: int, token_id: int, eos_ids: list[int]) -> str | None:
+        """Put a sampled token at `index` of `seq` (its placeholder); return the finish reason.
+
+        When `seq` finishes here, any placeholders after `index` are dropped.
+        """
+        seq.token_ids[index] = token_id
+        count = index + 1 - seq.num_prompt_tokens  # output tokens up to this one
+        reason = self._finish_reason(seq, token_id, count, eos_ids)
+        if reason is not None:
+            del seq.token_ids[index + 1:]
+        return reason
+
+    def _finish_reason(self, seq: Sequence, token_id: int, count: int, eos_ids) -> str | None:
         detok = self.detokenizers[seq.index]
-        if self._is_stop_token(seq, token_id, eos_ids):
+        if self._is_stop_token(count, token_id, eos_ids):
+            self._flush(seq)
             detok.finish()
             seq.stop_reason = token_id if token_id in self.params.stop_token_ids else None
             return "stop"
-        stop_string = detok.update([token_id])
-        if stop_string is not None:
-            seq.stop_reason = stop_string
-            return "stop"
-        if seq.num_output_tokens >= self.max_output_tokens:
+        if self.params.stop:
+            stop_string = detok.update([token_id])
+            if stop_string is not None:
+                seq.stop_reason = stop_string
+                return "stop"
+        else:
+            self._undecoded[seq.index].append(token_id)
+        if count >= self.max_output_tokens:
+            self._flush(seq)
             detok.finish()
             return "length"
         return None
+
+    def _flush(self, seq: Sequence) -> None:
+        pending = self._undecoded[seq.index]
+        if pending:
+            self.detokenizers[seq.index].extend(pending)
+            pending.clear()
 
     def abort(self) -> None:
         for seq, detok in zip(self.seqs, self.detokenizers, strict=True):
             if not seq.is_finished:
                 seq.finish_reason = "abort"
+                seq.drop_placeholders()
+                self._flush(seq)
                 detok.finish()
 
     def output(self) -> RequestOutput:
+        for seq in self.seqs:
+            self._flush(seq)
         completions = [self._completion(seq) for seq in self.seqs]
         return RequestOutput(
             request_id=self.request_id,
@@ -79,8 +114,8 @@ class Request:
             stop_reason=seq.stop_reason,
         )
 
-    def _is_stop_token(self, seq: Sequence, token_id: int, eos_ids: list[int]) -> bool:
-        if seq.num_output_tokens < self.params.min_tokens:
+    def _is_stop_token(self, count: int, token_id: int, eos_ids: list[int]) -> bool:
+        if count < self.params.min_tokens:
             return False
         if token_id in self.params.stop_token_ids:
             return True

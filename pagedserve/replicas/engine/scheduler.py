@@ -13,11 +13,12 @@ from pagedserve.replicas.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # new tokens computed this step
+    # True when this chunk reaches the sequence's end, so the step yields its next token. Fixed
+    # when scheduled: the engine advances the sequence as soon as the step is launched.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's end, so the step yields its next token."""
-        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if seq.all_tokens_sampled:
+                continue  # its last token is still on the device; it finishes when that lands
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if self._make_room(seq, num_tokens, out):
                 out.scheduled.append(ScheduledSeq(seq, num_tokens))

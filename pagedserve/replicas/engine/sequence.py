@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 import time
 
 import torch
@@ -18,6 +19,9 @@ class SequenceStatus(enum.Enum):
 
 
 _seq_ids = itertools.count()
+
+# Stands in `token_ids` for a token sampled by a step still running on the device.
+PLACEHOLDER = -1
 
 
 class Sequence:
@@ -41,6 +45,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_hashed_blocks = 0  # full blocks whose hash is registered in the cache
         self.block_table: list[int] = []
+        self.block_table_array = None  # (table list, its numpy copy): see step_inputs
         self.block_hashes: list[int] = []
         self.status = SequenceStatus.WAITING
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
@@ -50,6 +55,7 @@ class Sequence:
         self.logprobs: list[dict[int, float]] = []
         self.generator = _make_generator(params.seed, index)
         self.leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks we share
+        self.max_len = sys.maxsize  # prompt + the most output tokens its request allows
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -65,6 +71,16 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def all_tokens_sampled(self) -> bool:
+        """Every allowed token exists (maybe as a placeholder), so nothing is left to compute."""
+        return len(self.token_ids) >= self.max_len
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still in flight (the sequence ended before they arrived)."""
+        while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()
 
     @property
     def is_finished(self) -> bool:

@@ -1,7 +1,10 @@
 """Offline throughput: our engine against Hugging Face transformers, same process, same workload.
 
     python benchmarks/throughput.py                      # CPU: 32 prompts of 16-512 tokens, 64 out
-    python benchmarks/throughput.py --device cuda --peers hf-generate,hf-cb
+    python benchmarks/throughput.py --device cuda --peers hf-generate,hf-cb   # 1B-shaped model
+
+On cuda without `--model` the model is a random-weight Llama of Llama-3.2-1B's shape (`--model-shape
+8b`: Llama-3.1-8B's), written to a temporary safetensors directory that every contender loads.
 
 Throughput is output tokens / wall seconds of one timed run, after an untimed warm-up.
 Prompts are random token ids and EOS is ignored, so every request generates exactly its length.
@@ -10,7 +13,9 @@ Prompts are random token ids and EOS is ignored, so every request generates exac
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,9 +26,10 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.replicas.models.default_model import default_model_dir, resolve_gguf
 
 try:
-    from benchmarks import common
+    from benchmarks import common, random_model
 except ModuleNotFoundError:  # run as `python benchmarks/throughput.py`: benchmarks/ is on sys.path
     import common
+    import random_model
 
 PEERS = ("hf-generate", "hf-cb")
 FIRST_TOKEN_ID = 10  # ids below this are special tokens in the llama-family vocabularies we serve
@@ -58,7 +64,11 @@ class Row:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--model", help="HF model dir or .gguf file (default: the embedded model)")
+    p.add_argument("--model", help="HF model dir or .gguf file (default: the embedded model on "
+                   "cpu, a random-weight model of --model-shape on cuda)")
+    p.add_argument("--model-shape", choices=tuple(random_model.SHAPES), default="1b",
+                   help="shape of the random-weight model built when --model is not given on cuda")
+    p.add_argument("--max-num-batched-tokens", type=int, help="our engine's per-step token budget")
     p.add_argument("--num-prompts", type=int)
     p.add_argument("--min-prompt-len", type=int)
     p.add_argument("--max-prompt-len", type=int)
@@ -98,7 +108,12 @@ def warmup_workload(seed: int, vocab_size: int) -> Workload:
 
 def ours(args, model_dir: Path):
     """Build our engine; return its generate(workload) -> (token counts, wall seconds)."""
-    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, progress=False)
+    kwargs = {}
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.device == "cuda":  # the longest request of the workload bounds the block tables
+        kwargs["max_model_len"] = args.max_prompt_len + args.output_range[1]
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, progress=False, **kwargs)
 
     def generate(w: Workload) -> tuple[list[int], float]:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
@@ -186,7 +201,11 @@ def measure(name: str, build, args, wl: Workload, warm: Workload) -> Row:
         if name == "pagedserve":
             raise
         return Row(name, len(wl.prompts), skipped=f"{type(e).__name__}: {e}")
+    finally:
+        generate = None  # free the model (and its KV cache) before the next contender loads
+        gc.collect()
     tokens = sum(counts)
+    print(f"{name}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s", flush=True)
     return Row(name, len(wl.prompts), tokens, wall, tokens / wall,
                peak_mem_mib=common.peak_memory_mib(args.device))
 
@@ -195,9 +214,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU; this torch sees none")
-    model_dir = Path(args.model) if args.model else default_model_dir(progress=False)
-    if model_dir.suffix == ".gguf":
-        model_dir = resolve_gguf(model_dir, progress=False)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
+        return run(args, _model_dir(args, Path(tmp)))
+
+
+def _model_dir(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.model:
+        model_dir = Path(args.model)
+        return resolve_gguf(model_dir, progress=False) if model_dir.suffix == ".gguf" else model_dir
+    if args.device == "cuda":
+        args.model = f"random-weight llama, {args.model_shape} shape"
+        return random_model.write_random_llama(tmp / args.model_shape, args.model_shape,
+                                               DTYPES[args.dtype], device="cuda", seed=args.seed)
+    return default_model_dir(progress=False)
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> dict:
     vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
     wl, warm = make_workload(args, vocab_size), warmup_workload(args.seed, vocab_size)
     rows = [measure("pagedserve", lambda: ours(args, model_dir), args, wl, warm)]
@@ -209,8 +241,13 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         if r.skipped:
             print(f"{r.name} skipped: {r.skipped}")
+    peers = [r for r in rows[1:] if r.tokens_per_s]
+    if peers:
+        best = max(peers, key=lambda r: r.tokens_per_s)
+        print(f"ours / fastest peer ({best.name}): {best.ratio:.2f}x")
     result = {
-        "benchmark": "throughput", **common.environment(args.device), "model": str(model_dir),
+        "benchmark": "throughput", **common.environment(args.device),
+        "model": args.model or str(model_dir),
         "dtype": args.dtype, "peak_memory": common.peak_memory_kind(args.device),
         "workload": {"num_prompts": args.num_prompts, "seed": args.seed, "ignore_eos": True,
                      "temperature": 0, "prompt_len": [args.min_prompt_len, args.max_prompt_len],

@@ -60,4 +60,4 @@ def default_model_dir() -> Path:
 def default_llm(default_model_dir):
     from pagedserve import LLM
 
-    return LLM(str(default_model_dir), progress=False)
+    return LLM(str(default_model_dir), progress=False, device="cpu")

@@ -15,7 +15,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture
 def async_engine(tiny_llama):
-    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama), num_kvcache_blocks=64),
+    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama), device="cpu", num_kvcache_blocks=64),
                                      progress=False)
     yield engine
     asyncio.run(engine.shutdown())
@@ -33,7 +33,7 @@ async def collect(stream) -> tuple[str, list[int], str | None]:
 
 def test_streamed_deltas_concatenate_to_the_offline_result(tiny_llama, async_engine):
     prompt = "w5 w9 w100 w7"
-    expected = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=64).generate(
+    expected = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=64).generate(
         prompt, PARAMS, use_tqdm=False)[0].outputs[0]
 
     async def main():

@@ -13,7 +13,7 @@ from pagedserve.config import EngineConfig
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama):
-    return LLM(str(tiny_llama), progress=False, num_kvcache_blocks=64, max_model_len=128)
+    return LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=64, max_model_len=128)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -73,7 +73,7 @@ def test_failed_batch_leaves_nothing_queued(llm):
 
 def test_unknown_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        LLM(str(tmp_path / "nope"), progress=False)
+        LLM(str(tmp_path / "nope"), progress=False, device="cpu")
 
 
 def test_non_llama_architecture(tiny_llama, tmp_path):
@@ -83,7 +83,7 @@ def test_non_llama_architecture(tiny_llama, tmp_path):
     config["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
-        LLM(str(model_dir), progress=False)
+        LLM(str(model_dir), progress=False, device="cpu")
 
 
 @pytest.mark.parametrize("missing, error, match", [
@@ -96,7 +96,7 @@ def test_model_dir_missing_files(tiny_llama, tmp_path, missing, error, match):
     shutil.copytree(tiny_llama, model_dir)
     (model_dir / missing).unlink()
     with pytest.raises(error, match=match):
-        LLM(str(model_dir), progress=False, num_kvcache_blocks=16)
+        LLM(str(model_dir), progress=False, device="cpu", num_kvcache_blocks=16)
 
 
 def test_bad_engine_settings():

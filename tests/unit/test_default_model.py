@@ -24,7 +24,7 @@ def test_chat_answers_paris(default_llm):
 
 @needs_default_model
 def test_llm_without_arguments_loads_the_default(default_model_dir):
-    llm = LLM(progress=False, num_kvcache_blocks=32)
+    llm = LLM(progress=False, device="cpu", num_kvcache_blocks=32)
     assert llm.engine.model_dir == default_model_dir
     assert llm.engine.spec.num_layers == 30 and llm.engine.spec.num_kv_heads == 3
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4),
@@ -54,7 +54,7 @@ def test_cli_rejects_bad_arguments_with_a_message(capsys):
 def test_a_gguf_file_path_loads_through_the_conversion_cache(default_model_dir):
     from pagedserve.replicas.models.default_model import find_default_gguf
 
-    llm = LLM(str(find_default_gguf()), progress=False, num_kvcache_blocks=32)
+    llm = LLM(str(find_default_gguf()), progress=False, device="cpu", num_kvcache_blocks=32)
     assert llm.engine.model_dir == default_model_dir  # same file, same cached conversion
     with pytest.raises(ValueError, match="not a .gguf"):
-        LLM(str(default_model_dir / "config.json"), progress=False)
+        LLM(str(default_model_dir / "config.json"), progress=False, device="cpu")

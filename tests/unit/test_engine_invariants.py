@@ -29,14 +29,14 @@ def assert_all_blocks_free(llm: LLM) -> None:
 
 @pytest.fixture(scope="module")
 def baseline(tiny_llama):
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256, enable_prefix_caching=False)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256, enable_prefix_caching=False)
     batch = prompts([70, 9, 33, 128, 50, 2])
     return batch, token_ids(llm.generate(batch, GREEDY, use_tqdm=False))
 
 
 def test_prefix_cache_hit_equals_miss_and_reuses_blocks(tiny_llama, baseline):
     batch, expected = baseline
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256)
     first = llm.generate(batch[0], GREEDY, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0
     bm = llm.engine.block_manager
@@ -54,7 +54,7 @@ def test_prefix_cache_hit_equals_miss_and_reuses_blocks(tiny_llama, baseline):
 
 def test_chunked_prefill_equals_unchunked(tiny_llama, baseline):
     batch, expected = baseline
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256, max_num_batched_tokens=24,
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256, max_num_batched_tokens=24,
               enable_prefix_caching=False)
     assert token_ids(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
     assert_all_blocks_free(llm)
@@ -62,7 +62,7 @@ def test_chunked_prefill_equals_unchunked(tiny_llama, baseline):
 
 def test_unchunked_waits_for_budget(tiny_llama, baseline):
     batch, expected = baseline
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256, max_num_batched_tokens=256,
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256, max_num_batched_tokens=256,
               enable_chunked_prefill=False, max_model_len=256, enable_prefix_caching=False)
     assert token_ids(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
 
@@ -70,7 +70,7 @@ def test_unchunked_waits_for_budget(tiny_llama, baseline):
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_preempted_run_equals_uninterrupted(tiny_llama, baseline, prefix_caching):
     batch, expected = baseline
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=14, block_size=16,
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=14, block_size=16,
               enable_prefix_caching=prefix_caching)
     assert token_ids(llm.generate(batch, GREEDY, use_tqdm=False)) == expected
     assert llm.engine.scheduler.num_preemptions > 0
@@ -78,7 +78,7 @@ def test_preempted_run_equals_uninterrupted(tiny_llama, baseline, prefix_caching
 
 
 def test_n2_with_seed_is_reproducible_and_shares_prompt_blocks(tiny_llama):
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256, enable_prefix_caching=False)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256, enable_prefix_caching=False)
     prompt = prompts([50])[0]
     params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
     hits_before = llm.engine.block_manager.num_prefix_hits
@@ -96,7 +96,7 @@ def test_n2_with_seed_is_reproducible_and_shares_prompt_blocks(tiny_llama):
 
 def test_stop_token_ids_end_generation_exactly(tiny_llama, baseline):
     batch, expected = baseline
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256)
     stop_id = expected[0][6]
     first_at = expected[0].index(stop_id)
     out = llm.generate(batch[0], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]),
@@ -107,7 +107,7 @@ def test_stop_token_ids_end_generation_exactly(tiny_llama, baseline):
 
 def test_stop_string_ends_generation_and_is_not_returned(tiny_llama, baseline):
     batch, expected = baseline
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256)
     full = llm.generate(batch[0], GREEDY, use_tqdm=False)[0].outputs[0]
     words = full.text.split()
     stop = f"{words[4]} {words[5]}"  # spans two tokens
@@ -124,14 +124,14 @@ def test_stop_string_ends_generation_and_is_not_returned(tiny_llama, baseline):
 
 
 def test_max_tokens_and_max_model_len_finish_with_length(tiny_llama):
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=256, max_model_len=40)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=256, max_model_len=40)
     out = llm.generate(prompts([30])[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
 def test_abort_mid_generation_frees_every_block(tiny_llama):
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=64)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=64)
     engine = llm.engine
     for i, p in enumerate(prompts([40, 70, 20, 90])):
         engine.add_request(f"r{i}", p, SamplingParams(n=2, temperature=0.8, max_tokens=50, ignore_eos=True))
@@ -145,7 +145,7 @@ def test_abort_mid_generation_frees_every_block(tiny_llama):
 
 
 def test_logprobs_are_returned_for_each_token(tiny_llama):
-    llm = LLM(str(tiny_llama), progress=False, num_kvcache_blocks=64)
+    llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=64)
     out = llm.generate(prompts([12])[0], SamplingParams(temperature=0, max_tokens=5, logprobs=3,
                                                         ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(out.logprobs) == 5

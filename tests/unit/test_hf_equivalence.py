@@ -29,7 +29,7 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[list[i
 def test_tiny_models_match_transformers(tiny_model_factory, name):
     model_dir = tiny_model_factory(name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    llm = LLM(str(model_dir), progress=False, num_kvcache_blocks=128)
+    llm = LLM(str(model_dir), progress=False, device="cpu", num_kvcache_blocks=128)
     prompts = random_prompts(PROMPT_LENGTHS, TINY_VOCAB)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)  # all lengths batched together
@@ -68,7 +68,7 @@ def test_bfloat16_on_cpu_tracks_transformers_bfloat16(tiny_model_factory, name):
     """bf16 rounding differs between implementations, so tokens may part late, never early."""
     model_dir = tiny_model_factory(name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    llm = LLM(str(model_dir), dtype="bfloat16", progress=False, num_kvcache_blocks=128)
+    llm = LLM(str(model_dir), dtype="bfloat16", progress=False, device="cpu", num_kvcache_blocks=128)
     prompts = random_prompts(PROMPT_LENGTHS, TINY_VOCAB)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     agreed = []

@@ -24,6 +24,7 @@ from pagedserve.kernels.triton_checks import check_attention_args, check_index, 
 BLOCK_N = 64  # context tokens per tile
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in merging than it gains
+PROGRAMS_PER_MULTIPROCESSOR = 4
 LOG2E = 1.4426950408889634
 
 
@@ -113,13 +114,16 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, multiprocessors: int) -> int:
-    """Splits so that batch * kv_heads * splits covers about two waves of programs.
+    """Split only while batch * kv_heads leaves multiprocessors short of ~4 programs each.
 
+    Measured on an H200 (132 multiprocessors), 32 heads / 8 kv heads: 4 sequences of 32k tokens
+    took 0.764 ms unsplit, 0.114 ms with 9 splits and 0.087 ms with 16; 64 sequences of ~1100
+    tokens at head_dim 128 (512 programs) took 0.084 ms unsplit but 0.095 ms with 3 splits.
     Depends only on shapes (`max_context` is the block table's capacity), so a captured CUDA
-    graph replays with the same grid.
+    graph replays as is.
     """
     programs = max(1, batch * num_kv_heads)
-    wanted = triton.cdiv(2 * multiprocessors, programs)
+    wanted = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs
     tiles = triton.cdiv(max_context, BLOCK_N)
     return max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
@@ -148,9 +152,13 @@ def paged_decode_attention(
 
 def paged_decode_attention_splits(
     query, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int,
-    block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2,
+    block_n: int = BLOCK_N, num_warps: int | None = None, num_stages: int = 2,
 ) -> torch.Tensor:
-    """`paged_decode_attention` with an explicit split count and tile config (tests, tuning)."""
+    """`paged_decode_attention` with an explicit split count and tile config (tests, tuning).
+
+    Default warps: 2 for head_dim 64 (0.153 vs 0.166 ms with 4 at batch 256, ~1100 tokens, on an
+    H200), 4 for head_dim 128 (equal or better there).
+    """
     block_size, num_kv_heads, num_heads, head_dim, group = check_attention_args(
         query, k_cache, v_cache)
     batch, device = query.shape[0], k_cache.device
@@ -174,7 +182,7 @@ def paged_decode_attention_splits(
         GROUP_P2=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, IS_SPLIT=num_splits > 1,
         DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps or (2 if head_dim == 64 else 4), num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](

@@ -142,19 +142,17 @@ def paged_decode_attention(
     block_tables `[B, max_blocks]`, context_lens `[B]` (int32 or int64). Returns `[B, heads,
     head_dim]`. Rows with context length 0 return zeros.
     """
-    block_size, num_kv_heads, _, _, _ = check_attention_args(query, k_cache, v_cache)
-    max_context = block_tables.shape[-1] * block_size if block_tables.dim() == 2 else 0
-    splits = choose_num_splits(query.shape[0], num_kv_heads, max_context,
-                               _multiprocessors(query.device))
     return paged_decode_attention_splits(query, k_cache, v_cache, block_tables, context_lens,
-                                         scale, splits)
+                                         scale, num_splits=None)
 
 
 def paged_decode_attention_splits(
-    query, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int,
+    query, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None,
     block_n: int = BLOCK_N, num_warps: int | None = None, num_stages: int = 2,
 ) -> torch.Tensor:
     """`paged_decode_attention` with an explicit split count and tile config (tests, tuning).
+
+    `num_splits=None` picks it with `choose_num_splits`, as `paged_decode_attention` does.
 
     Default warps: 2 for head_dim 64 (0.153 vs 0.166 ms with 4 at batch 256, ~1100 tokens, on an
     H200), 4 for head_dim 128 (equal or better there).
@@ -166,12 +164,14 @@ def paged_decode_attention_splits(
     if block_tables.dim() != 2:
         raise ValueError(f"block_tables must be [batch, max_blocks], got {tuple(block_tables.shape)}")
     check_index("block_tables", block_tables, (batch, block_tables.shape[1]), device)
+    max_context = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, _multiprocessors(device))
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty(query.shape, dtype=query.dtype, device=device)
     if batch == 0:
         return out
-    max_context = block_tables.shape[1] * block_size
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
     parts = _partials(batch, num_heads, num_splits, head_dim, device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](

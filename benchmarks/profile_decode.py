@@ -101,11 +101,14 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def decode_batch_of(engine):
+def decode_batch_of(engine, allocate: bool = False):
+    """The running sequences that next compute one token (given a block for it if `allocate`)."""
     from pagedserve.replicas.engine.scheduler import ScheduledSeq, SchedulerOutput
 
-    seqs = [s for s in engine.scheduler.running]
-    return SchedulerOutput([ScheduledSeq(s, 1) for s in seqs if s.num_uncomputed_tokens == 1])
+    seqs = [s for s in engine.scheduler.running if s.num_uncomputed_tokens == 1]
+    if allocate:
+        seqs = [s for s in seqs if engine.block_manager.allocate(s, s.num_computed_tokens + 1)]
+    return SchedulerOutput([ScheduledSeq(s, 1) for s in seqs])
 
 
 def workload_floor(wl, weight_bytes: int, kv_bytes_per_token: int, bw: float) -> dict:
@@ -150,8 +153,18 @@ def main() -> None:
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
     phases = {k: v / steps for k, v in timer.totals.items()}
-    engine._resolve({}) if engine._in_flight is not None else None
-    batch = decode_batch_of(engine)
+    print(f"wall/step {wall * 1e3:.2f} ms; host phases (ms/step): "
+          + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in phases.items()), flush=True)
+    engine.step(stream=False)
+    engine.overlap_steps = False  # the same steps without pipelining, for comparison
+    engine.step(stream=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        engine.step(stream=False)
+    wall_sequential = (time.perf_counter() - t0) / 20
+    print(f"wall/step without pipelining {wall_sequential * 1e3:.2f} ms", flush=True)
+    batch = decode_batch_of(engine, allocate=True)
     runner = engine.runner
     gpu_graph = gpu_step_seconds(runner, batch, graph=True)
     gpu_eager = gpu_step_seconds(runner, batch, graph=False, reps=5)
@@ -165,7 +178,8 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(), "model_shape": args.model_shape,
         "copy_bandwidth_Bps": bw, "batch": len(batch.scheduled), "live_kv_tokens": live,
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_token,
-        "wall_per_step_s": wall, "host_phases_per_step_s": phases,
+        "wall_per_step_s": wall, "wall_per_step_sequential_s": wall_sequential,
+        "host_phases_per_step_s": phases,
         "gpu_step_graph_s": gpu_graph, "gpu_step_eager_s": gpu_eager,
         "step_bandwidth_floor_s": step_floor, "layers": spec.num_layers,
         "workload_floor": workload_floor(full, weight_bytes, kv_token, bw),

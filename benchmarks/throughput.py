@@ -160,7 +160,8 @@ def hf_cb_generate(model, w: Workload, device: str, pad_id: int) -> tuple[list[i
     """
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
-    page = transformers.ContinuousBatchingConfig().page_size
+    defaults = transformers.ContinuousBatchingConfig()
+    page = getattr(defaults, "page_size", None) or defaults.block_size  # renamed across versions
     pairs = list(zip(w.prompts, w.output_lens, strict=True))
     # On CPU the cache is otherwise sized to 90% of host RAM; give it what the workload needs.
     blocks = sum(math.ceil((len(p) + n) / page) for p, n in pairs) + 1

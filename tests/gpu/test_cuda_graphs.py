@@ -73,7 +73,8 @@ def test_graph_replay_matches_eager_forward_on_one_step(model_dir):
         host = step_inputs.prepare(batch, runner.block_size, runner._prev_rows, pad_to=size)
         inputs = step_inputs.upload(host, runner.device)
         if len(host.fill_rows):
-            inputs.ids[inputs.fill_rows] = runner._prev_tokens[inputs.fill_from]
+            inputs.ids.index_copy_(0, inputs.fill_rows,
+                                   runner._prev_tokens.index_select(0, inputs.fill_from))
         replay = runner.graphs.run(inputs, size)[: len(seqs)].clone()
         eager = runner.model(inputs.ids, inputs.positions, inputs.meta, runner.kv_cache)
     torch.testing.assert_close(replay, eager[: len(seqs)], rtol=1e-4, atol=1e-4)

@@ -66,11 +66,11 @@ class DecodeGraphs:
 
     def run(self, inputs: DeviceInputs, size: int) -> torch.Tensor:
         """Replay the graph of `size` rows on `inputs` (already padded to `size`)."""
-        table = inputs.meta.block_tables
+        table = inputs.block_tables
         self.ids[:size].copy_(inputs.ids)
         self.positions[:size].copy_(inputs.positions)
-        self.slots[:size].copy_(inputs.meta.slot_mapping)
-        self.context_lens[:size].copy_(inputs.meta.context_lens)
+        self.slots[:size].copy_(inputs.slots)
+        self.context_lens[:size].copy_(inputs.context_lens)  # int64 -> int32 in the copy
         self.block_tables[:size, : table.shape[1]].copy_(table)
         self.graphs[size].replay()
         return self.outputs[size]

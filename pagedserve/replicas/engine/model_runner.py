@@ -69,8 +69,9 @@ class ModelRunner:
         graph_size = self._graph_size(batch)
         host = step_inputs.prepare(batch, self.block_size, self._prev_rows, pad_to=graph_size)
         inputs = step_inputs.upload(host, self.device)
-        if len(host.fill_rows):
-            inputs.ids[inputs.fill_rows] = self._prev_tokens[inputs.fill_from]
+        if len(host.fill_rows):  # decode inputs sampled by the step still in flight
+            inputs.ids.index_copy_(0, inputs.fill_rows,
+                                   self._prev_tokens.index_select(0, inputs.fill_from))
         if graph_size is not None:
             hidden = self.graphs.run(inputs, graph_size)[: host.num_seqs]
         else:

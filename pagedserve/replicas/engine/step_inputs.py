@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,14 +33,32 @@ class HostInputs:
 
 @dataclass
 class DeviceInputs:
-    """The same arrays on the device, as views of one transfer."""
+    """The same arrays on the device, as int64 views of one transfer."""
 
     ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    slots: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    block_tables: torch.Tensor
     sample_rows: torch.Tensor
     fill_rows: torch.Tensor
     fill_from: torch.Tensor
+    num_decodes: int
+    max_query_len: int
+
+    @functools.cached_property
+    def meta(self) -> AttentionMetadata:
+        """Attention metadata with int32 index tensors (built only by eager steps: a graph
+        replay copies the int64 views into its own int32 buffers, casting on the way)."""
+        return AttentionMetadata(
+            slot_mapping=self.slots,
+            block_tables=self.block_tables.to(torch.int32),
+            context_lens=self.context_lens.to(torch.int32),
+            query_start_loc=self.query_start_loc.to(torch.int32),
+            num_decodes=self.num_decodes,
+            max_query_len=self.max_query_len,
+        )
 
 
 def prepare(batch: SchedulerOutput, block_size: int, prev_rows: dict[int, int],
@@ -116,13 +135,5 @@ def upload(host: HostInputs, device: torch.device) -> DeviceInputs:
     if device.type != "cpu":
         flat = flat.pin_memory().to(device, non_blocking=True)
     views = list(flat.split([len(p) for p in parts]))
-    ids, positions, slots, ctx, starts, tables, sample_rows, fill_rows, fill_from = views
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        block_tables=tables.view(host.block_tables.shape).to(torch.int32),
-        context_lens=ctx.to(torch.int32),
-        query_start_loc=starts.to(torch.int32),
-        num_decodes=host.num_decodes,
-        max_query_len=host.max_query_len,
-    )
-    return DeviceInputs(ids, positions, meta, sample_rows, fill_rows, fill_from)
+    views[5] = views[5].view(host.block_tables.shape)
+    return DeviceInputs(*views, num_decodes=host.num_decodes, max_query_len=host.max_query_len)

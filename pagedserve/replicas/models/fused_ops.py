@@ -63,7 +63,7 @@ def rotary_inplace(qk: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Ten
     _rotary_kernel[(tokens,)](
         qk, cos_sin, positions, qk.stride(0), qk.stride(1), cos_sin.stride(0), cos_sin.stride(1),
         heads, HALF=half, BLOCK_H=triton.next_power_of_2(heads),
-        BLOCK_D=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(half), ROUND=_rounding(qk.dtype),
     )
 
 
@@ -89,6 +89,7 @@ def _add_rms_norm_triton(x, residual, weight, eps):
         _add_rms_norm_kernel[(rows,)](
             x2, res2, res_out, weight, out, x2.stride(0), res2.stride(0), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+            ROUND=_rounding(x.dtype),
         )
     return out.view(shape), new_residual
 
@@ -101,45 +102,70 @@ def _silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if x.shape[0]:
         _silu_mul_kernel[(x.shape[0], triton.cdiv(width, block))](
-            x, out, x.stride(0), out.stride(0), width, BLOCK=block
+            x, out, x.stride(0), out.stride(0), width, BLOCK=block, ROUND=_rounding(x.dtype),
         )
     return out.view(*gate_up.shape[:-1], width)
+
+
+def _rounding(dtype: torch.dtype) -> int:
+    """How a kernel rounds float32 values to `dtype`'s precision (see `_round`)."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
 
 
 if triton is not None:
 
     @triton.jit
+    def _round(x, ROUND: tl.constexpr):
+        """Round float32 `x` to the storage dtype's precision, kept as float32.
+
+        A plain `.to(bf16).to(f32)` round trip can be folded away by the compiler, so bf16
+        rounding (to nearest, ties to even) is done on the bits.
+        """
+        if ROUND == 1:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return bits.to(tl.float32, bitcast=True)
+        elif ROUND == 2:
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
     def _add_rms_norm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, x_stride, res_stride,
-                             hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                             ROUND: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        dtype = x.dtype
+        x32 = x.to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded as torch's add
-            tl.store(res_out_ptr + row * hidden + cols, x, mask=mask)
-        x32 = x.to(tl.float32)
+            x32 = _round(x32 + r.to(tl.float32), ROUND)  # rounded as torch's add
+            tl.store(res_out_ptr + row * hidden + cols, x32.to(dtype), mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
-        normed = (x32 * rstd).to(x.dtype).to(tl.float32)
+        normed = _round(x32 * rstd, ROUND)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * hidden + cols, (normed * w).to(x.dtype), mask=mask)
+        tl.store(out_ptr + row * hidden + cols, (normed * w).to(dtype), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, width, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, width, BLOCK: tl.constexpr,
+                         ROUND: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
         gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         up = tl.load(x_ptr + row * x_stride + width + cols, mask=mask, other=0.0)
         g32 = gate.to(tl.float32)
-        act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
+        act = _round(g32 / (1.0 + tl.exp(-g32)), ROUND)
         tl.store(out_ptr + row * out_stride + cols, (act * up.to(tl.float32)).to(gate.dtype),
                  mask=mask)
 
     @triton.jit
     def _rotary_kernel(qk_ptr, cs_ptr, pos_ptr, t_stride, h_stride, cs_stride0, cs_stride1,
-                       heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                       heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ROUND: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -151,14 +177,14 @@ if triton is not None:
         dtype = x1.dtype
         cos = tl.load(cs_ptr + pos * cs_stride1 + d, mask=d < HALF, other=0.0)
         sin = tl.load(cs_ptr + cs_stride0 + pos * cs_stride1 + d, mask=d < HALF, other=0.0)
-        cos = cos.to(dtype).to(tl.float32)
-        sin = sin.to(dtype).to(tl.float32)
+        cos = _round(cos, ROUND)
+        sin = _round(sin, ROUND)
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
         # Each product rounded before the sum, as separate torch ops in a 16-bit dtype would be.
-        c1 = (a1 * cos).to(dtype).to(tl.float32)
-        s2 = (a2 * sin).to(dtype).to(tl.float32)
-        c2 = (a2 * cos).to(dtype).to(tl.float32)
-        s1 = (a1 * sin).to(dtype).to(tl.float32)
+        c1 = _round(a1 * cos, ROUND)
+        s2 = _round(a2 * sin, ROUND)
+        c2 = _round(a2 * cos, ROUND)
+        s1 = _round(a1 * sin, ROUND)
         tl.store(base, (c1 - s2).to(dtype), mask=mask)
         tl.store(base + HALF, (c2 + s1).to(dtype), mask=mask)

@@ -71,6 +71,10 @@ class RouterDeployment:
         self.queue.release(replica_id, request_id)
         self._dispatch()
 
+    def deregister(self, replica_id: str) -> None:
+        """A replica is shutting down: forget it (its running streams finish on their own)."""
+        self.queue.remove_replica(replica_id)
+
     def replica_failed(self, replica_id: str) -> None:
         """A caller saw this replica fail: stop admitting to it until it reports again."""
         logger.warning("replica %s failed; no more admissions to it", replica_id)

@@ -46,16 +46,23 @@ class ReplicaDeployment:
         self.router = router
         self.draining = False
         self._received: list[str] = []
+        self._wake = asyncio.Event()
         self._gauges = _replica_gauges()
         self._reporter = asyncio.create_task(self._report_loop()) if router is not None else None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        target_replica: str | None = None) -> AsyncIterator[RequestOutput]:
         """Run one prompt; yield deltas. `target_replica` is read by the pinned request router."""
-        self._received.append(request_id)  # frees the router's reservation, even on error
-        stream = await self.engine.add_request(prompt, params, request_id)
-        async for delta in stream:
-            yield delta
+        try:
+            stream = await self.engine.add_request(prompt, params, request_id)
+        finally:  # confirm only once the engine counts it, or the router would see a free slot
+            self._received.append(request_id)
+            self._wake.set()
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            self._wake.set()  # a slot is free: tell the router now, not at the next tick
 
     async def stats(self) -> dict:
         """Engine counters plus this replica's id (tests and operators read it)."""
@@ -80,10 +87,10 @@ class ReplicaDeployment:
 
     async def __del__(self) -> None:
         self.draining = True
-        with contextlib.suppress(Exception):  # the router may be gone already at shutdown
-            await self._push_report(include_hashes=False)
         if self._reporter is not None:
             self._reporter.cancel()
+            with contextlib.suppress(Exception):  # the router may be gone already at shutdown
+                await self.router.deregister.remote(self.replica_id)
         await self.engine.shutdown()
 
     async def _warm_up(self) -> None:
@@ -94,14 +101,19 @@ class ReplicaDeployment:
     async def _report_loop(self) -> None:
         interval = self.config.router.report_interval_s
         last_key, last_push, last_hashes = None, 0.0, 0.0
+        hashes_stale = True  # the cache may have changed since the last summary
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
             now = time.monotonic()
             stats = self.engine.stats_nowait()
             self._set_gauges(stats)
             key = (stats.num_running, stats.num_waiting, stats.num_free_blocks, self.draining)
-            send_hashes = now - last_hashes >= HASH_REPORT_PERIOD_S and key != last_key
-            if key == last_key and not self._received and now - last_push < HEARTBEAT_S:
+            hashes_stale = hashes_stale or key != last_key
+            send_hashes = hashes_stale and now - last_hashes >= HASH_REPORT_PERIOD_S
+            quiet = key == last_key and not self._received and not send_hashes
+            if quiet and now - last_push < HEARTBEAT_S:
                 continue
             try:
                 await self._push_report(include_hashes=send_hashes, stats=stats)
@@ -109,7 +121,8 @@ class ReplicaDeployment:
                 logger.warning("capacity report to the router failed: %r", err)
                 continue
             last_key, last_push = key, now
-            last_hashes = now if send_hashes else last_hashes
+            if send_hashes:
+                last_hashes, hashes_stale = now, False
 
     async def _push_report(self, include_hashes: bool, stats: EngineStats | None = None) -> None:
         stats = stats or self.engine.stats_nowait()

@@ -1,0 +1,225 @@
+"""Serving latency and throughput over HTTP: concurrent streaming clients, Poisson arrivals.
+
+    python benchmarks/serving.py                                   # CPU: ray_configs/local.yaml
+    python benchmarks/serving.py --engine-direct --request-rate inf
+    python benchmarks/serving.py --device cuda --config ray_configs/gpu.yaml --num-replicas 1 \
+        --engine-direct --request-rate inf                          # 1B-shaped random model
+
+It starts `serve run` on the config (unless `--url` points at a running server), sends the same
+workload as `throughput.py` (same flags, same seed, so the same prompts) as streamed completions,
+and prints TTFT, time per output token and end-to-end latency percentiles plus throughput. With
+`--engine-direct` it first runs `throughput.py` on our engine alone in a child process (so its
+memory is gone before the server starts) and reports HTTP throughput as a share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import transformers
+import yaml
+
+try:
+    from benchmarks import common, random_model, throughput
+    from benchmarks.serving_client import Outcome, run_client
+except ModuleNotFoundError:  # run as `python benchmarks/serving.py`
+    import common
+    import random_model
+    import throughput
+    from serving_client import Outcome, run_client
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+WORKLOAD_FLAGS = ("num_prompts", "min_prompt_len", "max_prompt_len", "output_len", "seed")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=REPO / "ray_configs" / "local.yaml")
+    p.add_argument("--url", help="drive this running server instead of starting one")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="picks throughput.py's default workload and model for this device")
+    p.add_argument("--model", help="model dir (default: the config's, or a random --model-shape "
+                   "model on cuda)")
+    p.add_argument("--model-shape", choices=tuple(random_model.SHAPES), default="1b")
+    p.add_argument("--num-replicas", type=int, help="override the config's num_replicas")
+    for flag in WORKLOAD_FLAGS:
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (inf: all at once)")
+    p.add_argument("--clients", type=int, default=4, help="client processes")
+    p.add_argument("--engine-direct", action="store_true",
+                   help="also measure our engine offline on the same workload, first")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    args.out = args.out or common.default_out("serving", args.device)
+    return args
+
+
+def throughput_argv(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    """throughput.py flags for the same workload, so both benchmarks draw the same prompts."""
+    argv = ["--device", args.device, "--model", str(model_dir), "--peers", ""]
+    for flag in WORKLOAD_FLAGS:
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return argv
+
+
+def engine_direct(args: argparse.Namespace, model_dir: Path, tmp: Path) -> float:
+    out = tmp / "engine-direct.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"),
+           *throughput_argv(args, model_dir), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(out.read_text())["rows"][0]["tokens_per_s"]
+
+
+def server_config(args: argparse.Namespace, model_dir: Path, targs, tmp: Path) -> Path:
+    config = yaml.safe_load(args.config.read_text())
+    app_args = config["applications"][0].setdefault("args", {})
+    engine = app_args.setdefault("engine", {})
+    if args.model or args.device == "cuda":
+        engine["model"] = str(model_dir)
+    if args.device == "cuda":  # as throughput.py configures our engine for this workload
+        engine["max_model_len"] = targs.max_prompt_len + targs.output_range[1]
+    if args.num_replicas:
+        app_args["num_replicas"] = args.num_replicas
+    path = tmp / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_server(config: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)],
+                                cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve run exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get("http://127.0.0.1:8000/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise SystemExit("server not ready after 900 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=ENV,
+                   capture_output=True)
+
+
+def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    n = len(workload.prompts)
+    gaps = np.zeros(n) if rate == float("inf") else rng.exponential(1.0 / rate, n)
+    offsets = np.cumsum(gaps) - gaps[0]
+    jobs = [(float(offsets[i]), workload.prompts[i], workload.output_lens[i]) for i in range(n)]
+    shards = [jobs[i::clients] for i in range(clients)]
+    start_at = time.time() + 3.0  # every client process is up by then
+    with multiprocessing.get_context("spawn").Pool(clients) as pool:
+        results = pool.map(run_client, [(url, model, shard, start_at) for shard in shards])
+    return [o for shard in results for o in shard], start_at
+
+
+def summarize(outcomes: list[Outcome]) -> dict:
+    ok = [o for o in outcomes if o.error is None]
+    wall = max(o.end for o in ok) - min(o.sent for o in ok)
+    tokens = sum(o.output_tokens for o in ok)
+    ttft = [o.first_token - o.sent for o in ok if o.first_token]
+    tpot = [(o.end - o.first_token) / (o.output_tokens - 1)
+            for o in ok if o.first_token and o.output_tokens > 1]
+    e2e = [o.end - o.sent for o in ok]
+    return {"requests": len(outcomes), "errors": len(outcomes) - len(ok),
+            "first_errors": [o.error for o in outcomes if o.error][:3],
+            "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot), "e2e_s": _percentiles(e2e)}
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"mean": float(np.mean(values)),
+            **{f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}}
+
+
+def print_report(summary: dict, direct: float | None) -> None:
+    rows = [{"metric": key, **summary[key]} for key in ("ttft_s", "tpot_s", "e2e_s") if summary[key]]
+    columns = [("metric", "latency (s)", "s")] + [(k, k, ".3f") for k in ("mean", "p50", "p90", "p99")]
+    print(common.format_table(rows, columns))
+    print(f"{summary['requests']} requests, {summary['errors']} errors, "
+          f"{summary['output_tokens']} output tokens in {summary['wall_s']:.2f} s: "
+          f"{summary['tokens_per_s']:.1f} tok/s over HTTP")
+    if direct:
+        print(f"engine direct: {direct:.1f} tok/s; HTTP / direct = "
+              f"{summary['tokens_per_s'] / direct:.1%}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-serving-") as tmp:
+        tmp = Path(tmp)
+        model_dir = model_directory(args, tmp)
+        targs = throughput.parse_args(throughput_argv(args, model_dir))
+        vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+        workload = throughput.make_workload(targs, vocab)
+        direct = engine_direct(args, model_dir, tmp) if args.engine_direct else None
+        proc = None if args.url else start_server(
+            server_config(args, model_dir, targs, tmp), tmp / "serve.log")
+        url = args.url or "http://127.0.0.1:8000"
+        try:
+            model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+            warm = throughput.warmup_workload(targs.seed, vocab)
+            drive(url, model, warm, float("inf"), 1, targs.seed)
+            outcomes, _ = drive(url, model, workload, args.request_rate, args.clients, targs.seed)
+        finally:
+            if proc is not None:
+                stop_server(proc)
+    summary = summarize(outcomes)
+    print_report(summary, direct)
+    result = {"benchmark": "serving", **common.environment(args.device),
+              "config": str(args.config), "model": str(args.model or model_dir),
+              "request_rate": args.request_rate, "clients": args.clients,
+              "workload": {f: getattr(targs, f, None) for f in WORKLOAD_FLAGS},
+              "engine_direct_tokens_per_s": direct, **summary}
+    bars = {"HTTP": summary["tokens_per_s"], **({"engine direct": direct} if direct else {})}
+    common.write_results(result, args.out, bars, "output tokens / s")
+    print(f"wrote {args.out}")
+    return result
+
+
+def model_directory(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.model:
+        return Path(args.model)
+    if args.device == "cuda":
+        import torch
+
+        return random_model.write_random_llama(tmp / args.model_shape, args.model_shape,
+                                               torch.bfloat16, device="cuda", seed=args.seed or 0)
+    from pagedserve.replicas.models.registry import resolve_model_dir
+
+    engine = yaml.safe_load(args.config.read_text())["applications"][0]["args"].get("engine", {})
+    return resolve_model_dir(engine.get("model"), progress=False)
+
+
+if __name__ == "__main__":
+    main()

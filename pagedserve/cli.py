@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,50 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.set_defaults(run=_generate)
+    srv = commands.add_parser("serve", help="serve the OpenAI API with Ray Serve (serve run)")
+    srv.add_argument("--config", default=None,
+                     help="a serve config file (default: the settings of ray_configs/local.yaml)")
+    srv.add_argument("--model", default=None, help="model directory or .gguf file")
+    srv.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    srv.add_argument("--num-replicas", type=int, default=None)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(run=_serve)
     return parser
+
+
+# The same settings as ray_configs/local.yaml, for installs that have no checkout beside them.
+LOCAL_APP = {"num_replicas": 1, "replica_num_cpus": 1, "torch_threads": 2,
+             "engine": {"device": "cpu"}}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    if args.config is not None:
+        config = yaml.safe_load(Path(args.config).read_text())
+    else:
+        config = {"http_options": {"host": args.host, "port": args.port},
+                  "applications": [{"name": "pagedserve", "route_prefix": "/",
+                                    "import_path": "pagedserve.cluster.app:build_app",
+                                    "args": LOCAL_APP}]}
+    app_args = config["applications"][0].setdefault("args", {})
+    engine = app_args.setdefault("engine", {})
+    for key, value in (("model", args.model), ("device", args.device)):
+        if value is not None:
+            engine[key] = value
+    if args.num_replicas is not None:
+        app_args["num_replicas"] = args.num_replicas
+    serve_cli = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
+    return subprocess.call([serve_cli, "run", f.name])
 
 
 def _generate(args: argparse.Namespace) -> int:

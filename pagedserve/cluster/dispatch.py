@@ -57,12 +57,12 @@ class Dispatcher:
                     yield delta
                 return
             except _REPLICA_GONE as err:
-                if started:
+                await self.router.replica_failed.remote(replica_id)
+                if started:  # its client saw part of an answer: report, don't retry
                     raise
                 logger.warning("replica %s died before %s started: %r; re-routing",
                                replica_id, job.request_id, err)
                 failed.add(replica_id)
-                await self.router.replica_failed.remote(replica_id)
         raise APIError(503, f"no replica could run the request after {MAX_ATTEMPTS} attempts",
                        "service_unavailable", None, "replica_failed")
 

@@ -143,3 +143,34 @@ def test_full_queue_answers_503_with_retry_after(app):
     assert overloaded, results
     assert all(e.status == 503 and e.headers().get("Retry-After") for e in overloaded)
     assert router.stats.remote().result()["queue_len"] == 0
+
+
+def test_killing_a_replica_keeps_the_cluster_serving(app):
+    import ray
+
+    handle, router = app
+    victim = sorted(router.stats.remote().result()["replicas"])[0]
+
+    async def scenario():
+        longs = [asyncio.ensure_future(handle.completions.remote(_completion(f"Doomed {i}:", 200)))
+                 for i in range(4)]
+        await _wait_for_load(router, 4)  # both replicas full
+        queued = asyncio.ensure_future(handle.completions.remote(_completion("Waiting:", 3)))
+        await asyncio.sleep(0.5)
+        actor = ray.get_actor(f"SERVE_REPLICA::{APP}#Replica#{victim}", namespace="serve")
+        ray.kill(actor, no_restart=True)
+        return await asyncio.gather(*longs, return_exceptions=True), await queued
+
+    longs, short = asyncio.run(scenario())
+    assert short["choices"][0]["text"]  # the request waiting in the router was still served
+    failed = [r for r in longs if isinstance(r, Exception)]
+    assert len(failed) == 2, longs  # the victim's two streams fail; the other two finish
+    deadline = time.monotonic() + 120
+    while True:  # Serve replaces the victim; the router forgets it and admits to the new one
+        replicas = router.stats.remote().result()["replicas"]
+        if victim not in replicas and len(replicas) == 2:
+            break
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.5)
+    after = handle.completions.remote(_completion("Still here:", 3)).result()
+    assert after["choices"][0]["text"]

@@ -100,7 +100,7 @@ def server_config(args: argparse.Namespace, model_dir: Path, targs, tmp: Path) -
 
 def start_server(config: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", str(config)],
                                 cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + 900
@@ -124,7 +124,7 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=ENV,
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ENV,
                    capture_output=True)
 
 

@@ -5,6 +5,7 @@ process then joins that cluster as a second driver for handle calls and stats.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://127.0.0.1:8000"
 STARTUP_TIMEOUT_S = 420
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-
-
-def _serve_cli() -> str:
-    return str(Path(sys.executable).parent / "serve")
 
 
 def _wait_ready(proc: subprocess.Popen, log_path: Path) -> None:
@@ -43,7 +40,8 @@ def server(tmp_path_factory) -> str:
     """`serve run ray_configs/local.yaml`, ready; yields the base URL."""
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([_serve_cli(), "run", "ray_configs/local.yaml"], cwd=REPO,
+        serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+        proc = subprocess.Popen([serve_cli, "run", "ray_configs/local.yaml"], cwd=REPO,
                                 env=ENV, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
@@ -60,7 +58,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=ENV,
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ENV,
                    capture_output=True, timeout=120)
 
 

@@ -372,7 +372,8 @@ def test_real_engine_deltas_stream_and_build_the_same_text(tiny_llama):
 
     async def run() -> list[RequestOutput]:
         engine = AsyncEngine.from_config(
-            EngineConfig(model=str(tiny_llama), num_kvcache_blocks=32), progress=False)
+            EngineConfig(model=str(tiny_llama), device="cpu", num_kvcache_blocks=32),
+            progress=False)
         try:
             return [d async for d in await engine.add_request([5, 9, 100, 7], params)]
         finally:

@@ -71,6 +71,7 @@ class ClusterConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     served_model_name: str | None = None  # the `model` clients send; default: the model's name
     num_replicas: int = Field(default=1, ge=1)
+    num_ingress_replicas: int = Field(default=1, ge=1)  # HTTP/SSE work spreads over these
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica

@@ -40,6 +40,6 @@ def build_app(args: dict | None = None) -> Application:
         request_router_config=RequestRouterConfig(request_router_class=PinnedRequestRouter),
     ).bind(as_dict, router)
     return serve.deployment(
-        IngressDeployment, name="Ingress", num_replicas=1,
+        IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
     ).bind(as_dict, router, replicas)

@@ -77,7 +77,7 @@ def test_bad_input_raises_at_add_and_engine_keeps_serving(async_engine):
 def test_a_crashed_engine_fails_its_streams_and_refuses_new_work(async_engine, monkeypatch):
     from pagedserve.replicas.engine.async_engine import EngineDeadError
 
-    def broken_step():
+    def broken_step(**kwargs):
         raise RuntimeError("simulated device failure")
 
     monkeypatch.setattr(async_engine.engine, "step", broken_step)

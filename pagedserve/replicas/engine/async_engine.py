@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
+import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 from pagedserve.config import EngineConfig
 from pagedserve.outputs import CompletionOutput, RequestOutput
@@ -17,19 +18,33 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; the replica must be replaced."""
 
 
-class AsyncEngine:
-    """Runs `LLMEngine.step` in a loop off the event loop and fans results out to streams.
+class _Stream:
+    """One request's mailbox; `hungry` tells the engine thread its consumer waits for news."""
 
-    Every touch of the engine (add, step, abort) runs on one worker thread, so the engine and its
-    tokenizer are never used concurrently; the event loop stays free for I/O meanwhile.
+    __slots__ = ("loop", "queue", "hungry")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.hungry = True
+
+
+class AsyncEngine:
+    """Steps `LLMEngine` on its own thread and fans results out to asyncio streams.
+
+    One thread owns the engine and its tokenizer: it runs adds, aborts and reads between steps
+    and otherwise steps back to back, never waiting for the event loop. Outputs are built only
+    for streams whose consumer is waiting (or that finished), so a consumer slower than the
+    engine gets fewer deltas carrying more tokens, and the engine does no work for nobody.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedserve-engine")
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._wakeup = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._work = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
 
@@ -43,7 +58,7 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done() and self._error is None
+        return self._thread is not None and self._thread.is_alive() and self._error is None
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                           request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -54,16 +69,14 @@ class AsyncEngine:
         """
         self._raise_if_dead()
         request_id = request_id or f"req-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
         try:
             await self._run(self.engine.add_request, request_id, prompt, params)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        self._ensure_loop()
-        self._wakeup.set()
-        return self._stream(request_id, queue)
+        return self._iterate(request_id, stream)
 
     async def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -85,16 +98,18 @@ class AsyncEngine:
         return await self._run(self.engine.block_manager.cached_block_hashes)
 
     async def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._stopping = True
+        self._work.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         seen: dict[int, tuple[int, int]] = {}
         finished = False
         try:
             while not finished:
-                item = _latest(queue, await queue.get())
+                stream.hungry = True
+                item = _latest(stream.queue, await stream.queue.get())
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine stopped: {item!r}") from item
                 finished = item.finished
@@ -104,35 +119,80 @@ class AsyncEngine:
                 await asyncio.shield(self.abort(request_id))
             self._streams.pop(request_id, None)
 
-    async def _engine_loop(self) -> None:
-        try:
-            while True:
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                for out in await self._run(self.engine.step):
-                    queue = self._streams.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
-                await asyncio.sleep(0)  # let streams and new requests in between steps
-        except asyncio.CancelledError:
-            raise
-        except BaseException as err:  # the engine is broken: fail every stream, refuse new work
-            self._error = err
-            for queue in self._streams.values():
-                queue.put_nowait(err)
-            raise
+    # The engine thread.
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._engine_loop())
+    def _engine_thread(self) -> None:
+        while not self._stopping:
+            self._run_commands()
+            if not self.engine.has_unfinished_requests():
+                self._work.wait()
+                self._work.clear()
+                continue
+            try:
+                outputs = self.engine.step(stream=self._wants_output)
+            except BaseException as err:  # the engine is broken: fail every stream and call
+                self._fail(err)
+                return
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.hungry = False
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _wants_output(self, request_id: str) -> bool:
+        stream = self._streams.get(request_id)
+        return stream is not None and stream.hungry
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, loop, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(*args)
+            except BaseException as err:
+                loop.call_soon_threadsafe(_settle, future, None, err)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def _fail(self, err: BaseException) -> None:
+        self._error = err
+        for stream in list(self._streams.values()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+        dead = EngineDeadError(f"engine stopped: {err!r}")
+        while True:
+            try:
+                _, _, loop, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            loop.call_soon_threadsafe(_settle, future, None, dead)
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run `fn(*args)` on the engine thread between two steps and return its result."""
+        self._raise_if_dead()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._engine_thread, daemon=True,
+                                            name="pagedserve-engine")
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put((fn, args, loop, future))
+        self._work.set()
+        return await future
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _latest(queue: asyncio.Queue, item):

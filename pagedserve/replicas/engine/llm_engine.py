@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +108,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self, stream: bool = True) -> list[RequestOutput]:
+    def step(self, stream: bool | Callable[[str], bool] = True) -> list[RequestOutput]:
         """Run one batch; return the output of every request that advanced.
 
         With `stream=False` only finished requests' outputs are built (the offline API needs no
-        more), which saves building and detokenizing every running request every step.
+        more), which saves building and detokenizing every running request every step; a
+        callable decides per request id (a server builds them only for waiting consumers).
 
         On CUDA the step is pipelined: this call launches the next batch, then collects the
         previous one's tokens while the GPU works, so outputs lag the launch by one step.
@@ -181,11 +183,12 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = request
 
-    def _outputs(self, touched: dict[str, Request], stream: bool) -> list[RequestOutput]:
+    def _outputs(self, touched: dict[str, Request], stream) -> list[RequestOutput]:
         outputs = []
         for request in touched.values():
             finished = request.finished
-            if stream or finished:
+            wanted = stream(request.request_id) if callable(stream) else stream
+            if wanted or finished:
                 outputs.append(request.output())
             if finished:
                 del self.requests[request.request_id]

@@ -1,0 +1,96 @@
+"""The engine's own process: steps `LLMEngine` back to back and talks over one pipe.
+
+A server process is busy with I/O (a Serve replica hands every stream its deltas); sharing a
+GIL with it slowed the engine's steps by an order of magnitude. Here the engine has a process to
+itself: between two steps it reads the commands waiting on the pipe, and after each step it
+sends one message with the outputs and the counters.
+
+Messages in:  ("add", id, request_id, prompt, params) ("abort", id, request_id) ("stats", id)
+              ("hashes", id) ("want", request_id) ("stop",)
+Messages out: ("ready", stats) ("result", id, ok, value, stats) ("outputs", outputs, stats)
+              ("dead", message)
+Outputs are built only for requests whose consumer said it wants news ("want"; an add counts
+as one) and for finished requests.
+"""
+
+from __future__ import annotations
+
+
+def run_engine_core(config: dict, conn, torch_threads: int | None = None) -> None:
+    """Process entry point: build the engine, report ready, serve the pipe until told to stop."""
+    import torch
+
+    from pagedserve.config import EngineConfig
+    from pagedserve.replicas.engine.llm_engine import LLMEngine
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        engine = LLMEngine(EngineConfig(**config), progress=False)
+    except BaseException as err:
+        conn.send(("dead", f"engine failed to start: {err!r}"))
+        return
+    conn.send(("ready", engine.stats()))
+    _EngineCore(engine, conn).serve()
+
+
+class _EngineCore:
+    def __init__(self, engine, conn) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.wanted: set[str] = set()
+        self.stopping = False
+
+    def serve(self) -> None:
+        try:
+            while not self.stopping:
+                self._handle_commands(block=not self.engine.has_unfinished_requests())
+                if self.stopping or not self.engine.has_unfinished_requests():
+                    continue
+                outputs = self.engine.step(stream=self.wanted.__contains__)
+                for out in outputs:
+                    self.wanted.discard(out.request_id)
+                if outputs:
+                    self.conn.send(("outputs", outputs, self.engine.stats()))
+        except (EOFError, BrokenPipeError):  # the server process is gone
+            return
+        except BaseException as err:
+            self.conn.send(("dead", repr(err)))
+            raise
+
+    def _handle_commands(self, block: bool) -> None:
+        while self.conn.poll(None if block else 0):
+            block = False
+            self._handle(self.conn.recv())
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "want":
+            self.wanted.add(msg[1])
+            return
+        if kind == "stop":
+            self.stopping = True
+            return
+        command_id, args = msg[1], msg[2:]
+        try:
+            ok, value = True, self._command(kind, *args)
+        except Exception as err:  # bad input: the caller gets the error, the engine goes on
+            ok, value = False, err
+        # The counters travel with the result, so a caller told "added" never reads older ones.
+        self.conn.send(("result", command_id, ok, value, self.engine.stats()))
+
+    def _command(self, kind: str, *args):
+        if kind == "add":
+            request_id, prompt, params = args
+            self.engine.add_request(request_id, prompt, params)
+            self.wanted.add(request_id)
+            return None
+        if kind == "abort":
+            self.wanted.discard(args[0])
+            self.engine.abort(args[0])
+            return None
+        if kind == "stats":
+            return self.engine.stats()
+        if kind == "hashes":
+            return self.engine.block_manager.cached_block_hashes()
+        raise ValueError(f"unknown engine command {kind!r}")

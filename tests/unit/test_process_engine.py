@@ -1,0 +1,107 @@
+"""The engine in its own process: same streams as in-process, clean errors, crash detection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.replicas.engine.async_engine import EngineDeadError
+from pagedserve.replicas.engine.process_engine import ProcessEngine
+
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_factory):
+    model_dir = tiny_model_factory("llama-gqa-tied")
+    eng = ProcessEngine(EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64),
+                        torch_threads=1)
+    eng.model_dir = model_dir
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+async def collect(stream) -> tuple[str, list[int], str | None]:
+    text, tokens, reason = "", [], None
+    async for delta in stream:
+        for c in delta.outputs:
+            text += c.text
+            tokens += c.token_ids
+            reason = c.finish_reason or reason
+    return text, tokens, reason
+
+
+async def slow_collect(stream) -> tuple[str, list[int], str | None, int]:
+    """A consumer slower than the engine: it should get fewer, larger deltas."""
+    text, tokens, reason, items = "", [], None, 0
+    async for delta in stream:
+        items += 1
+        for c in delta.outputs:
+            text += c.text
+            tokens += c.token_ids
+            reason = c.finish_reason or reason
+        await asyncio.sleep(0.05)
+    return text, tokens, reason, items
+
+
+def test_streams_equal_the_offline_result_also_for_slow_consumers(engine):
+    prompt = "w5 w9 w100 w7"
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    offline = LLM(str(engine.model_dir), progress=False, device="cpu", num_kvcache_blocks=64)
+    expected = offline.generate([prompt, prompt], [PARAMS, long], use_tqdm=False)
+
+    async def main():
+        fast = [await engine.add_request(prompt, PARAMS) for _ in range(3)]
+        slow = await engine.add_request(prompt, long)
+        return await asyncio.gather(*(collect(s) for s in fast)), await slow_collect(slow)
+
+    fast, (text, tokens, reason, items) = asyncio.run(main())
+    for result in fast:
+        assert result == (expected[0].outputs[0].text, expected[0].outputs[0].token_ids, "length")
+    assert (text, tokens, reason) == (expected[1].outputs[0].text,
+                                      expected[1].outputs[0].token_ids, "length")
+    assert items < 40  # the slow consumer's deltas carried several tokens each
+
+
+def test_bad_input_is_a_value_error_and_leaving_early_frees_blocks(engine):
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            await engine.add_request("", PARAMS)
+        long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        stream = await engine.add_request("w3 w4 w5", long)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        return await engine.stats()
+
+    stats = asyncio.run(main())
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert engine.stats_nowait().num_total_blocks == stats.num_total_blocks
+
+
+def test_a_dead_engine_process_fails_streams_and_health(tiny_model_factory):
+    model_dir = tiny_model_factory("llama-gqa-tied")
+    eng = ProcessEngine(EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64))
+
+    async def main():
+        long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        stream = await eng.add_request("w3 w4", long)
+        eng._process.kill()
+        with pytest.raises(EngineDeadError):
+            await collect(stream)
+        with pytest.raises(EngineDeadError):
+            eng.check_health()
+        with pytest.raises(EngineDeadError):
+            await eng.add_request("w5", PARAMS)
+
+    asyncio.run(main())
+    asyncio.run(eng.shutdown())
+
+
+def test_an_engine_that_cannot_start_raises(tmp_path):
+    with pytest.raises(RuntimeError, match="failed to start"):
+        ProcessEngine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))

@@ -10,31 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import multiprocessing
 import threading
-from collections.abc import AsyncIterator
 
 from pagedserve.config import EngineConfig
-from pagedserve.outputs import RequestOutput
-from pagedserve.replicas.engine.async_engine import EngineDeadError, _delta, _latest, _settle
 from pagedserve.replicas.engine.engine_core import run_engine_core
+from pagedserve.replicas.engine.engine_front import EngineDeadError, EngineFront, settle
 from pagedserve.replicas.engine.llm_engine import EngineStats
-from pagedserve.sampling_params import SamplingParams
 
 START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles
 
 
-class _Stream:
-    __slots__ = ("loop", "queue", "wanting")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.wanting = True  # an add counts as a "want"
-
-
-class ProcessEngine:
+class ProcessEngine(EngineFront):
     """Same calls as `AsyncEngine`; the engine runs in a child process it owns."""
 
     def __init__(self, config: EngineConfig, torch_threads: int | None = None) -> None:
@@ -44,48 +31,17 @@ class ProcessEngine:
                                     args=(config.model_dump(), child, torch_threads), daemon=True)
         self._process.start()
         child.close()
+        super().__init__()
         self._send_lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._ids = itertools.count()
-        self._error: str | None = None
         self._stats = self._wait_ready()
         self._reader = threading.Thread(target=self._read, name="pagedserve-engine-reader",
                                         daemon=True)
         self._reader.start()
 
-    def check_health(self) -> None:
-        if self._error is not None:
-            raise EngineDeadError(f"engine stopped: {self._error}")
-
-    async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                          request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate and queue a request (ValueError on bad input) and return its delta stream."""
-        self.check_health()
-        request_id = request_id or f"req-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
-        try:
-            await self._call("add", request_id, prompt, params)
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        return self._iterate(request_id, stream)
-
-    async def abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        if self._error is None:
-            await self._call("abort", request_id)
-
-    async def stats(self) -> EngineStats:
-        return await self._call("stats")
-
     def stats_nowait(self) -> EngineStats:
         """The counters the engine sent with its last step (or command)."""
         return self._stats
-
-    async def cached_block_hashes(self) -> set[int]:
-        return await self._call("hashes")
 
     async def shutdown(self) -> None:
         if self._process.is_alive():
@@ -95,25 +51,10 @@ class ProcessEngine:
         if self._process.is_alive():
             self._process.kill()
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        seen: dict[int, tuple[int, int]] = {}
-        finished = False
-        try:
-            while not finished:
-                if stream.queue.empty() and not stream.wanting:
-                    stream.wanting = True
-                    self._send(("want", request_id))
-                item = _latest(stream.queue, await stream.queue.get())
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield _delta(item, seen)
-        finally:
-            if not finished:
-                await asyncio.shield(self.abort(request_id))
-            self._streams.pop(request_id, None)
+    def _notify_want(self, request_id: str) -> None:
+        self._send(("want", request_id))
 
-    async def _call(self, kind: str, *args):
+    async def _command(self, kind: str, *args):
         self.check_health()
         loop = asyncio.get_running_loop()
         command_id = next(self._ids)
@@ -152,16 +93,13 @@ class ProcessEngine:
         if kind == "outputs":
             self._stats = msg[2]
             for out in msg[1]:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.wanting = False
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                self._deliver(out)
         elif kind == "result":
             _, command_id, ok, value, self._stats = msg
             entry = self._pending.get(command_id)
             if entry is not None:
                 loop, future = entry
-                loop.call_soon_threadsafe(_settle, future, value if ok else None,
+                loop.call_soon_threadsafe(settle, future, value if ok else None,
                                           None if ok else value)
         elif kind == "dead":
             self._fail(msg[1])
@@ -171,8 +109,7 @@ class ProcessEngine:
             return
         self._error = message
         dead = EngineDeadError(f"engine stopped: {message}")
-        for stream in list(self._streams.values()):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
+        self._fail_streams(dead)
         for loop, future in list(self._pending.values()):
-            loop.call_soon_threadsafe(_settle, future, None, dead)
+            loop.call_soon_threadsafe(settle, future, None, dead)
 

@@ -177,11 +177,10 @@ class AdmissionQueue:
             return None
         least = min(candidates, key=lambda c: (c[1].load, -c[1].report.num_free_blocks))
         if request.block_hashes:
-            best = max(candidates, key=lambda c: (
-                c[1].cached_prefix_blocks(request.block_hashes), -c[1].load))
-            matched = best[1].cached_prefix_blocks(request.block_hashes)
-            if matched and best[1].load <= least[1].load + self.config.imbalance_bound:
-                return best[0]
+            scored = [(s.cached_prefix_blocks(request.block_hashes), rid, s) for rid, s in candidates]
+            matched, best, state = max(scored, key=lambda c: (c[0], -c[2].load))
+            if matched and state.load <= least[1].load + self.config.imbalance_bound:
+                return best
         return least[0]
 
     def _blocks_needed(self, request: AdmissionRequest) -> int:

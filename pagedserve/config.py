@@ -79,3 +79,7 @@ class ClusterConfig(BaseModel):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     max_tokens_limit: int | None = Field(default=None, ge=1)  # cap on a request's max_tokens
     warmup: bool = True  # one real generation before a replica reports ready
+    # Deltas per second one replica sends over all its streams (None: one per engine step per
+    # stream). Each delta costs fixed work at every hop to the client; many concurrent streams
+    # then get fewer, larger deltas instead of saturating the replica, ingress and proxy.
+    max_deltas_per_s: float | None = Field(default=2000.0, gt=0)

@@ -38,7 +38,8 @@ class ReplicaDeployment:
         # busy, and sharing its GIL slowed the engine's steps tenfold on a GPU.
         loop = asyncio.get_running_loop()
         self.engine = await loop.run_in_executor(
-            None, ProcessEngine, self.config.engine, self.config.torch_threads)
+            None, ProcessEngine, self.config.engine, self.config.torch_threads,
+            self.config.max_deltas_per_s)
         if self.config.warmup:
             await self._warm_up()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -51,7 +52,11 @@ class ReplicaDeployment:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        target_replica: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Run one prompt; yield deltas. `target_replica` is read by the pinned request router."""
+        """Run one prompt; yield deltas. `target_replica` is read by the pinned request router.
+
+        The deltas leave out the prompt, which the caller sent: it would be serialized again
+        with every delta.
+        """
         try:
             stream = await self.engine.add_request(prompt, params, request_id)
         finally:  # confirm only once the engine counts it, or the router would see a free slot
@@ -59,7 +64,8 @@ class ReplicaDeployment:
             self._wake.set()
         try:
             async for delta in stream:
-                yield delta
+                yield RequestOutput(delta.request_id, None, [], delta.outputs, delta.finished,
+                                    delta.num_cached_tokens)
         finally:
             self._wake.set()  # a slot is free: tell the router now, not at the next tick
 

@@ -105,3 +105,44 @@ def test_a_dead_engine_process_fails_streams_and_health(tiny_model_factory):
 def test_an_engine_that_cannot_start_raises(tmp_path):
     with pytest.raises(RuntimeError, match="failed to start"):
         ProcessEngine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+
+
+def test_a_delta_budget_paces_streams_without_changing_them(tiny_model_factory):
+    """With `max_deltas_per_s`, deltas come at most that often (over all streams), each
+    carrying the tokens of its interval, and the text and tokens are those of an unpaced run."""
+    model_dir = tiny_model_factory("llama-gqa-tied")
+    config = EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    expected = LLM(str(model_dir), progress=False, device="cpu", num_kvcache_blocks=64).generate(
+        ["w5 w9 w100 w7", "w8 w2"], params, use_tqdm=False)
+    rate = 10.0  # two streams: one delta per stream every 0.2 s
+    eng = ProcessEngine(config, torch_threads=1, max_deltas_per_s=rate)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        streams = [await eng.add_request(p, params) for p in ("w5 w9 w100 w7", "w8 w2")]
+        results = await asyncio.gather(*(collect_counted(s) for s in streams))
+        return results, loop.time() - start
+
+    try:
+        results, elapsed = asyncio.run(main())
+    finally:
+        asyncio.run(eng.shutdown())
+    for (text, tokens, reason, items), want in zip(results, expected, strict=True):
+        assert (text, tokens, reason) == (want.outputs[0].text, want.outputs[0].token_ids,
+                                          "length")
+        # the first delta comes at once, the last one unasked; in between one per 0.2 s
+        assert items <= elapsed * rate / 2 + 2
+        assert items < len(tokens)
+
+
+async def collect_counted(stream) -> tuple[str, list[int], str | None, int]:
+    text, tokens, reason, items = "", [], None, 0
+    async for delta in stream:
+        items += 1
+        for c in delta.outputs:
+            text += c.text
+            tokens += c.token_ids
+            reason = c.finish_reason or reason
+    return text, tokens, reason, items

@@ -10,10 +10,12 @@ Messages in:  ("add", id, request_id, prompt, params) ("abort", id, request_id) 
 Messages out: ("ready", stats) ("result", id, ok, value, stats) ("outputs", outputs, stats)
               ("dead", message)
 Outputs are built only for requests whose consumer said it wants news ("want"; an add counts
-as one) and for finished requests.
+as one) and for finished requests; they travel as plain tuples (`wire.encode_output`).
 """
 
 from __future__ import annotations
+
+from pagedserve.replicas.engine.wire import encode_output
 
 
 def run_engine_core(config: dict, conn, torch_threads: int | None = None) -> None:
@@ -39,6 +41,7 @@ class _EngineCore:
         self.engine = engine
         self.conn = conn
         self.wanted: set[str] = set()
+        self.prompt_sent: set[str] = set()  # requests whose prompt went with an earlier output
         self.stopping = False
 
     def serve(self) -> None:
@@ -48,15 +51,25 @@ class _EngineCore:
                 if self.stopping or not self.engine.has_unfinished_requests():
                     continue
                 outputs = self.engine.step(stream=self.wanted.__contains__)
-                for out in outputs:
-                    self.wanted.discard(out.request_id)
                 if outputs:
-                    self.conn.send(("outputs", outputs, self.engine.stats()))
+                    self.conn.send(("outputs", self._encode(outputs), self.engine.stats()))
         except (EOFError, BrokenPipeError):  # the server process is gone
             return
         except BaseException as err:
             self.conn.send(("dead", repr(err)))
             raise
+
+    def _encode(self, outputs: list) -> list[tuple]:
+        wire = []
+        for out in outputs:
+            request_id = out.request_id
+            self.wanted.discard(request_id)
+            wire.append(encode_output(out, with_prompt=request_id not in self.prompt_sent))
+            if out.finished:
+                self.prompt_sent.discard(request_id)
+            else:
+                self.prompt_sent.add(request_id)
+        return wire
 
     def _handle_commands(self, block: bool) -> None:
         while self.conn.poll(None if block else 0):
@@ -87,6 +100,7 @@ class _EngineCore:
             return None
         if kind == "abort":
             self.wanted.discard(args[0])
+            self.prompt_sent.discard(args[0])
             self.engine.abort(args[0])
             return None
         if kind == "stats":

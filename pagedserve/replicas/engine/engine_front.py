@@ -8,6 +8,7 @@ tells the engine it wants news (`_notify_want`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 
@@ -23,22 +24,34 @@ class EngineDeadError(RuntimeError):
 class Stream:
     """One request's mailbox; `wanting` says its consumer waits for news from the engine."""
 
-    __slots__ = ("loop", "queue", "wanting")
+    __slots__ = ("loop", "queue", "wanting", "want_after", "prompt")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.wanting = True  # an add counts as a "want"
+        self.want_after = 0.0  # loop time before which this stream asks for no more news
+        self.prompt: tuple = (None, [])  # (text, token ids), for fronts that receive it once
 
 
 class EngineFront:
     """`add_request` gives an async iterator of output deltas; leaving it early aborts.
 
+    `max_deltas_per_s` bounds the deltas all streams together receive per second (None: no
+    bound): each stream then waits `number of streams / max_deltas_per_s` seconds between two
+    deltas, and the tokens of that time arrive together. Delivering a delta costs its caller a
+    fixed amount of work per hop (serialization, a Ray item, an SSE event), so this keeps that
+    work bounded however many streams run, while a lone stream still gets every token at once.
+    The first delta and the final one are never held back.
+
     Subclasses set `_error` when the engine dies, put an `EngineDeadError` into every stream,
     and implement `_command(kind, *args)` for kinds "add", "abort", "stats" and "hashes".
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_deltas_per_s: float | None = None) -> None:
+        if max_deltas_per_s is not None and max_deltas_per_s <= 0:
+            raise ValueError(f"max_deltas_per_s must be positive, got {max_deltas_per_s}")
+        self.max_deltas_per_s = max_deltas_per_s
         self._streams: dict[str, Stream] = {}
         self._ids = itertools.count()
         self._error: object | None = None
@@ -100,18 +113,37 @@ class EngineFront:
         finished = False
         try:
             while not finished:
-                if stream.queue.empty() and not stream.wanting:
-                    stream.wanting = True
-                    self._notify_want(request_id)
-                item = latest(stream.queue, await stream.queue.get())
+                item = latest(stream.queue, await self._next_item(request_id, stream))
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield delta(item, seen)
+                stream.want_after = stream.loop.time() + self._delta_interval()
         finally:
             if not finished:
                 await asyncio.shield(self.abort(request_id))
             self._streams.pop(request_id, None)
+
+    async def _next_item(self, request_id: str, stream: Stream):
+        """The stream's next queued item; ask the engine for news once the interval is over.
+
+        While the stream waits out its interval only a final output or an error can arrive
+        (the engine sends those unasked), and either ends the wait at once.
+        """
+        if stream.queue.empty() and not stream.wanting:
+            wait = stream.want_after - stream.loop.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(stream.queue.get(), wait)
+            if stream.queue.empty():
+                stream.wanting = True
+                self._notify_want(request_id)
+        return await stream.queue.get()
+
+    def _delta_interval(self) -> float:
+        if self.max_deltas_per_s is None:
+            return 0.0
+        return len(self._streams) / self.max_deltas_per_s
 
 
 def settle(future: asyncio.Future, result, error: BaseException | None) -> None:

@@ -17,6 +17,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.replicas.engine.engine_core import run_engine_core
 from pagedserve.replicas.engine.engine_front import EngineDeadError, EngineFront, settle
 from pagedserve.replicas.engine.llm_engine import EngineStats
+from pagedserve.replicas.engine.wire import decode_output
 
 START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles
 
@@ -24,14 +25,15 @@ START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles
 class ProcessEngine(EngineFront):
     """Same calls as `AsyncEngine`; the engine runs in a child process it owns."""
 
-    def __init__(self, config: EngineConfig, torch_threads: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, torch_threads: int | None = None,
+                 max_deltas_per_s: float | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=run_engine_core, name="pagedserve-engine-core",
                                     args=(config.model_dump(), child, torch_threads), daemon=True)
         self._process.start()
         child.close()
-        super().__init__()
+        super().__init__(max_deltas_per_s)
         self._send_lock = threading.Lock()
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stats = self._wait_ready()
@@ -92,8 +94,8 @@ class ProcessEngine(EngineFront):
         kind = msg[0]
         if kind == "outputs":
             self._stats = msg[2]
-            for out in msg[1]:
-                self._deliver(out)
+            for wire in msg[1]:
+                self._deliver_wire(wire)
         elif kind == "result":
             _, command_id, ok, value, self._stats = msg
             entry = self._pending.get(command_id)
@@ -103,6 +105,14 @@ class ProcessEngine(EngineFront):
                                           None if ok else value)
         elif kind == "dead":
             self._fail(msg[1])
+
+    def _deliver_wire(self, wire: tuple) -> None:
+        stream = self._streams.get(wire[0])
+        if stream is None:  # aborted meanwhile
+            return
+        if wire[1] is not None:  # the request's first output brings its prompt
+            stream.prompt = wire[1]
+        self._deliver(decode_output(wire, stream.prompt))
 
     def _fail(self, message: str) -> None:
         if self._error is not None:

@@ -78,6 +78,9 @@ class AutoscaleConfig(BaseModel):
     scale_down_utilization: float = Field(default=0.5, gt=0, lt=1)
     scale_down_after_s: float = Field(default=30.0, ge=0)
     look_back_period_s: float = Field(default=2.0, gt=0)  # Serve's averaging window of metrics
+    # How often replicas and handles push metrics to Serve's controller. Ray 2.60 reads this
+    # field (deprecated in favour of env vars that it does not read yet); its default is 10 s.
+    metrics_interval_s: float = Field(default=0.5, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=60.0, gt=0)  # streams finish within this
     membership_poll_s: float = Field(default=0.5, gt=0)  # router's check for stopping replicas
 
@@ -86,6 +89,9 @@ class AutoscaleConfig(BaseModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas "
                              f"({self.max_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be > "
+                             f"metrics_interval_s ({self.metrics_interval_s})")
         return self
 
 

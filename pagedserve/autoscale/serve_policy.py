@@ -79,6 +79,7 @@ def serve_autoscaling_config(config: AutoscaleConfig, running_per_replica: int) 
         "upscale_delay_s": 0.0,
         "downscale_delay_s": 0.0,
         "look_back_period_s": config.look_back_period_s,
+        "metrics_interval_s": config.metrics_interval_s,
         "policy": {
             "policy_function": f"{__name__}:{ReplicaAutoscalingPolicy.__name__}",
             "policy_kwargs": {"running_per_replica": running_per_replica, **kwargs},

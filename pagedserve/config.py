@@ -128,6 +128,7 @@ class ClusterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_replica_count(self) -> ClusterConfig:
-        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+        # (`num_replicas` is compared with its default: the config is re-read from its dump.)
+        if self.autoscaling is not None and self.num_replicas != 1:
             raise ValueError("set either num_replicas or autoscaling, not both")
         return self

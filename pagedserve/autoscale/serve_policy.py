@@ -14,7 +14,9 @@ from dataclasses import asdict
 from pagedserve.autoscale.policy import PolicyState, Signals, decide
 from pagedserve.config import AutoscaleConfig
 
-logger = logging.getLogger(__name__)
+# Serve's own logger: its INFO lines reach the replica and controller log files (ours would
+# stop at the root logger's WARNING level).
+logger = logging.getLogger("ray.serve")
 
 # Names of the values a replica returns from `record_autoscaling_stats`.
 KV_USAGE = "kv_usage"

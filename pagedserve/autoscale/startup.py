@@ -17,7 +17,9 @@ from pagedserve.config import ClusterConfig
 from pagedserve.replicas.engine.process_engine import ProcessEngine
 from pagedserve.replicas.engine.startup_phases import PhaseTimer, format_phases
 
-logger = logging.getLogger(__name__)
+# Serve's own logger: its INFO lines reach the replica and controller log files (ours would
+# stop at the root logger's WARNING level).
+logger = logging.getLogger("ray.serve")
 
 STORE_WAIT_S = 600.0  # the first store on a node may still be reading a large model
 PHASE_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]

@@ -25,6 +25,7 @@ from pagedserve.cluster.membership import STOPPING_STATES, watch_membership
 from pagedserve.config import RouterConfig
 
 logger = logging.getLogger(__name__)
+serve_logger = logging.getLogger("ray.serve")  # INFO lines that reach the replica's log file
 
 EXPIRY_PERIOD_S = 1.0
 _REPORT_FIELDS = {f.name for f in fields(ReplicaReport)}
@@ -132,7 +133,7 @@ class RouterDeployment:
     def _on_replica_states(self, states: dict[str, str]) -> None:
         stopping = {rid for rid, state in states.items() if state in STOPPING_STATES}
         for rid in stopping - self.queue.retired:
-            logger.info("replica %s is stopping: draining it (no new admissions)", rid)
+            serve_logger.info("replica %s is stopping: draining it (no new admissions)", rid)
         self.queue.set_retired(stopping)
         self._scale.observe(states)
         self._dispatch()

@@ -83,6 +83,10 @@ class ReplicaDeployment:
         return {"replica_id": self.replica_id, "weights_from": self.weights_from,
                 "startup_phases": self.startup_phases, **stats}
 
+    def ready(self) -> bool:
+        """Answers once this replica is up (the ingress calls it to wake a scaled-to-zero app)."""
+        return True
+
     def check_health(self) -> None:
         self.engine.check_health()
 

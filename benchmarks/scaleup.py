@@ -185,12 +185,12 @@ def write_timeline(result: dict, out: Path) -> None:
         return
     runs = result["runs"]
     fig, ax = plt.subplots(figsize=(9, 1 + 0.5 * len(runs)))
-    colors: dict[str, str] = {}
+    colors: dict[str, tuple] = {}
     for row, r in enumerate(runs):
         left = 0.0
         for phase, seconds in r["phases"].items():
             first_use = phase not in colors
-            color = colors.setdefault(phase, f"C{len(colors) % 10}")
+            color = colors.setdefault(phase, plt.get_cmap("tab20")(len(colors) % 20))
             ax.barh(row, seconds, left=left, color=color, label=phase if first_use else None)
             left += seconds
     ax.set_yticks(range(len(runs)), [f"{i}: {r['weights_from']}" for i, r in enumerate(runs)])

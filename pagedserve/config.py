@@ -60,6 +60,50 @@ class RouterConfig(BaseModel):
     max_hashes_per_report: int = Field(default=8192, ge=0)
 
 
+class AutoscaleConfig(BaseModel):
+    """When the replica deployment grows and shrinks (see `pagedserve.autoscale.policy`).
+
+    Scale-up is immediate once queued work would miss `ttft_target_s`; scale-down removes one
+    replica at a time after the load stayed low for `scale_down_after_s` (the hysteresis).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=1, ge=0)  # the warm minimum; 0 only when asked for
+    max_replicas: int = Field(default=2, ge=1)
+    ttft_target_s: float = Field(default=2.0, gt=0)
+    queue_wait_fraction: float = Field(default=0.5, gt=0, le=1)  # of the target, spent queued
+    kv_high_watermark: float = Field(default=0.9, gt=0, le=1)
+    running_per_replica: int | None = Field(default=None, ge=1)  # default: engine max_num_seqs
+    scale_down_utilization: float = Field(default=0.5, gt=0, lt=1)
+    scale_down_after_s: float = Field(default=30.0, ge=0)
+    look_back_period_s: float = Field(default=2.0, gt=0)  # Serve's averaging window of metrics
+    # How often replicas and handles push metrics to Serve's controller. Ray 2.60 reads this
+    # field (deprecated in favour of env vars that it does not read yet); its default is 10 s.
+    metrics_interval_s: float = Field(default=0.5, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=60.0, gt=0)  # streams finish within this
+    membership_poll_s: float = Field(default=0.5, gt=0)  # router's check for stopping replicas
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscaleConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas "
+                             f"({self.max_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be > "
+                             f"metrics_interval_s ({self.metrics_interval_s})")
+        return self
+
+
+class WeightStoreConfig(BaseModel):
+    """The per-node actor that keeps the model's tensors in Ray's object store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    max_gib: float = Field(default=16.0, gt=0)  # the store refuses a model larger than this
+
+
 class ClusterConfig(BaseModel):
     """Settings of the Serve application: engine, replicas, router and HTTP limits.
 
@@ -83,3 +127,12 @@ class ClusterConfig(BaseModel):
     # stream). Each delta costs fixed work at every hop to the client; many concurrent streams
     # then get fewer, larger deltas instead of saturating the replica, ingress and proxy.
     max_deltas_per_s: float | None = Field(default=2000.0, gt=0)
+    autoscaling: AutoscaleConfig | None = None  # None: a fixed `num_replicas`
+    weight_store: WeightStoreConfig | None = None  # None: replicas load weights from disk
+
+    @model_validator(mode="after")
+    def _check_replica_count(self) -> ClusterConfig:
+        # (`num_replicas` is compared with its default: the config is re-read from its dump.)
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self

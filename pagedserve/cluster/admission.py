@@ -109,11 +109,14 @@ class AdmissionQueue:
         self._heap: list[tuple[int, int, str]] = []
         self._waiting: dict[str, tuple[AdmissionRequest, float]] = {}
         self._order = itertools.count()
+        self.retired: set[str] = set()  # replicas being stopped: their reports are ignored
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def report(self, report: ReplicaReport) -> None:
+        if report.replica_id in self.retired:
+            return  # a stopping replica keeps reporting until its streams end
         now = self.clock()
         state = self.replicas.get(report.replica_id)
         if state is None:
@@ -123,6 +126,15 @@ class AdmissionQueue:
 
     def remove_replica(self, replica_id: str) -> None:
         self.replicas.pop(replica_id, None)
+
+    def set_retired(self, replica_ids: set[str]) -> None:
+        """Admit nothing more to replicas being stopped, even if they report again.
+
+        Called with the whole current set, so ids of replicas that are gone do not pile up.
+        """
+        self.retired = set(replica_ids)
+        for replica_id in self.retired:
+            self.replicas.pop(replica_id, None)
 
     def release(self, replica_id: str, request_id: str) -> None:
         """Give back a reservation whose request never reached its replica."""

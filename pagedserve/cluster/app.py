@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from pagedserve.autoscale.serve_policy import serve_autoscaling_config
 from pagedserve.cluster.ingress import IngressDeployment
 from pagedserve.cluster.pinned_router import PinnedRequestRouter
 from pagedserve.cluster.router import RouterDeployment
@@ -18,6 +19,8 @@ from pagedserve.replicas.deployment import ReplicaDeployment
 APP_NAME = "pagedserve"
 INGRESS_MAX_ONGOING = 4096  # the ingress only waits on I/O
 EXTRA_REPLICA_CALLS = 16  # stats and health calls beside generation streams
+REPLICA_DEPLOYMENT = "Replica"
+GRACEFUL_WAIT_LOOP_S = 0.5  # how often a stopping replica checks that its streams have ended
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -29,10 +32,10 @@ def build_app(args: dict | None = None) -> Application:
         max_ongoing_requests=config.router.max_queue_len + 1024,
         ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": False},  # capacity reports arrive every 50 ms
-    ).bind(config.router.model_dump())
+    ).bind(config.router.model_dump(), **_router_extras(config))
     replicas = serve.deployment(
-        ReplicaDeployment, name="Replica",
-        num_replicas=config.num_replicas,
+        ReplicaDeployment, name=REPLICA_DEPLOYMENT,
+        **_replica_count_options(config),
         max_ongoing_requests=(config.engine.max_num_seqs + config.router.max_waiting_per_replica
                               + EXTRA_REPLICA_CALLS),
         ray_actor_options={"num_cpus": config.replica_num_cpus,
@@ -43,3 +46,27 @@ def build_app(args: dict | None = None) -> Application:
         IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
     ).bind(as_dict, router, replicas)
+
+
+def _replica_count_options(config: ClusterConfig) -> dict:
+    """A fixed `num_replicas`, or our autoscaling policy with a drain long enough for streams."""
+    autoscale = config.autoscaling
+    if autoscale is None:
+        return {"num_replicas": config.num_replicas}
+    return {
+        "autoscaling_config": serve_autoscaling_config(autoscale, config.engine.max_num_seqs),
+        "graceful_shutdown_timeout_s": autoscale.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": GRACEFUL_WAIT_LOOP_S,
+    }
+
+
+def _router_extras(config: ClusterConfig) -> dict:
+    """What the router needs beyond admission: whom to drain, and which weights to store."""
+    extras: dict = {}
+    if config.autoscaling is not None:
+        extras["replica_deployment"] = REPLICA_DEPLOYMENT
+        extras["membership_poll_s"] = config.autoscaling.membership_poll_s
+    store = config.weight_store
+    if store is not None and store.enabled:
+        extras["weight_store"] = {"model": config.engine.model, "max_gib": store.max_gib}
+    return extras

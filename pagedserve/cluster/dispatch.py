@@ -23,6 +23,7 @@ from pagedserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+WAKE_AFTER_S = 1.0  # an admission waiting this long checks that some replica exists at all
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
@@ -42,6 +43,7 @@ class Dispatcher:
     def __init__(self, router, replicas, block_size: int, retry_after_s: int) -> None:
         self.router = router
         self.replicas = replicas.options(stream=True)
+        self._wake_handle = replicas
         self.block_size = block_size
         self.retry_after_s = retry_after_s
 
@@ -74,10 +76,27 @@ class Dispatcher:
             "priority": job.priority,
             "exclude": sorted(failed),
         }
+        admission = asyncio.ensure_future(self._admit_call(request))
         try:
-            return await self.router.admit.remote(request)
+            done, _ = await asyncio.wait({admission}, timeout=WAKE_AFTER_S)
+            if not done:
+                await self._wake_if_no_replica()
+            return await admission
         except QueueFullError as err:
             raise APIError.overloaded(self.retry_after_s, str(err)) from None
+        finally:
+            admission.cancel()  # no-op once done; else the client left: leave the queue
+
+    async def _admit_call(self, request: dict) -> str:
+        return await self.router.admit.remote(request)
+
+    async def _wake_if_no_replica(self) -> None:
+        """With `min_replicas: 0` the deployment may have no replica: the request waits in the
+        router, where Serve does not see it. A call queued on the replica handle does count for
+        Serve's autoscaler, which then starts a replica; the call returns once one is up."""
+        if await self.router.num_ready_replicas.remote() == 0:
+            logger.info("no replica is running; waiting for one to start")
+            await self._wake_handle.ready.remote()
 
     async def _call(self, job: Job, replica_id: str, attempt: int) -> AsyncIterator[RequestOutput]:
         engine_request_id = job.request_id if attempt == 0 else f"{job.request_id}-retry{attempt}"

@@ -10,17 +10,22 @@ import asyncio
 import logging
 from dataclasses import fields
 
-from ray.serve.metrics import Gauge
+import ray
+from ray import serve
+from ray.serve.metrics import Counter, Gauge
 
+from pagedserve.autoscale.weight_store import WeightStores
 from pagedserve.cluster.admission import (
     AdmissionQueue,
     AdmissionRequest,
     QueueFullError,
     ReplicaReport,
 )
+from pagedserve.cluster.membership import STOPPING_STATES, watch_membership
 from pagedserve.config import RouterConfig
 
 logger = logging.getLogger(__name__)
+serve_logger = logging.getLogger("ray.serve")  # INFO lines that reach the replica's log file
 
 EXPIRY_PERIOD_S = 1.0
 _REPORT_FIELDS = {f.name for f in fields(ReplicaReport)}
@@ -29,7 +34,11 @@ _REPORT_FIELDS = {f.name for f in fields(ReplicaReport)}
 class RouterDeployment:
     """Late-bound admission across replicas, with prefix affinity and bounded imbalance."""
 
-    def __init__(self, config: dict | None = None) -> None:
+    def __init__(self, config: dict | None = None, replica_deployment: str | None = None,
+                 membership_poll_s: float = 0.5, weight_store: dict | None = None) -> None:
+        """`replica_deployment`: watch that deployment's replicas and drain the ones Serve stops.
+        `weight_store`: `{"model", "max_gib"}` to keep the weights in each node's object store
+        (this node's store starts filling now, before any scale-up)."""
         self.config = RouterConfig(**(config or {}))
         self.queue = AdmissionQueue(self.config)
         self._futures: dict[str, asyncio.Future] = {}
@@ -38,6 +47,16 @@ class RouterDeployment:
         self._replicas = Gauge("pagedserve_router_replicas",
                                description="replicas reporting capacity to the router")
         self._expiry: asyncio.Task | None = None
+        self._scale = _ScaleMetrics()
+        # Autoscaled replicas: drain the ones Serve stops (watched from the first report on,
+        # since a sync constructor may not run on the actor's event loop).
+        self._watched = replica_deployment
+        self._membership_poll_s = membership_poll_s
+        self._watcher: asyncio.Task | None = None
+        self._stores = None
+        if weight_store is not None:
+            self._stores = WeightStores(serve.get_replica_context().app_name, **weight_store)
+            self._stores.for_node(ray.get_runtime_context().get_node_id())
 
     async def admit(self, request: dict) -> str:
         """Wait until a replica has room for `request`; return that replica's id.
@@ -61,10 +80,15 @@ class RouterDeployment:
         finally:
             self._futures.pop(admission.request_id, None)
 
-    def report(self, report: dict) -> None:
-        """A replica's capacity report; it also frees room for whoever waits."""
+    async def report(self, report: dict) -> dict:
+        """A replica's capacity report; it also frees room for whoever waits.
+
+        Returns the queue's depth and oldest wait, which replicas relay to the autoscaler.
+        """
+        self._ensure_watcher()
         self.queue.report(ReplicaReport(**{k: v for k, v in report.items() if k in _REPORT_FIELDS}))
         self._dispatch()
+        return {"queue_len": len(self.queue), "oldest_wait_s": self.queue.oldest_wait_s()}
 
     def release(self, replica_id: str, request_id: str) -> None:
         """An admitted request never reached its replica (its client left first)."""
@@ -79,6 +103,16 @@ class RouterDeployment:
         """A caller saw this replica fail: stop admitting to it until it reports again."""
         logger.warning("replica %s failed; no more admissions to it", replica_id)
         self.queue.remove_replica(replica_id)
+
+    def weight_store(self, node_id: str):
+        """The weight store actor of `node_id` (created on first request); None if disabled."""
+        return self._stores.for_node(node_id) if self._stores is not None else None
+
+    def forget_weight_store(self, node_id: str) -> None:
+        """A replica found this node's store dead: the next replica gets a new one."""
+        if self._stores is not None:
+            logger.warning("weight store on node %s is gone; a new one will be made", node_id)
+            self._stores.forget(node_id)
 
     def stats(self) -> dict:
         return {
@@ -96,6 +130,14 @@ class RouterDeployment:
     def num_ready_replicas(self) -> int:
         return sum(1 for s in self.queue.replicas.values() if not s.report.draining)
 
+    def _on_replica_states(self, states: dict[str, str]) -> None:
+        stopping = {rid for rid, state in states.items() if state in STOPPING_STATES}
+        for rid in stopping - self.queue.retired:
+            serve_logger.info("replica %s is stopping: draining it (no new admissions)", rid)
+        self.queue.set_retired(stopping)
+        self._scale.observe(states)
+        self._dispatch()
+
     def _dispatch(self) -> None:
         for request_id, replica_id in self.queue.assign():
             future = self._futures.get(request_id)
@@ -106,6 +148,13 @@ class RouterDeployment:
         self._queue_len.set(len(self.queue))
         self._replicas.set(len(self.queue.replicas))
 
+    def _ensure_watcher(self) -> None:
+        if self._watched is None or (self._watcher is not None and not self._watcher.done()):
+            return
+        app_name = serve.get_replica_context().app_name
+        self._watcher = asyncio.get_running_loop().create_task(watch_membership(
+            app_name, self._watched, self._membership_poll_s, self._on_replica_states))
+
     def _ensure_expiry(self) -> None:
         if self._expiry is None or self._expiry.done():
             self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
@@ -114,6 +163,30 @@ class RouterDeployment:
         while True:
             await asyncio.sleep(EXPIRY_PERIOD_S)
             self._dispatch()  # assign() drops silent replicas and unconfirmed reservations
+
+
+class _ScaleMetrics:
+    """Replicas per Serve state, and scale events, as the router sees them."""
+
+    def __init__(self) -> None:
+        self._by_state = Gauge("pagedserve_replicas_by_state", tag_keys=("state",),
+                               description="replicas of the model per Serve state")
+        self._events = Counter("pagedserve_scale_events", tag_keys=("direction",),
+                               description="replicas added (up) or set to stop (down)")
+        self._known: dict[str, str] = {}
+
+    def observe(self, states: dict[str, str]) -> None:
+        added = [rid for rid in states if rid not in self._known]
+        stopped = [rid for rid, s in states.items()
+                   if s in STOPPING_STATES and self._known.get(rid) not in STOPPING_STATES]
+        if self._known and added:  # the first look is the app's start, not a scale event
+            self._events.inc(len(added), tags={"direction": "up"})
+        if stopped:
+            self._events.inc(len(stopped), tags={"direction": "down"})
+        for state in {"STARTING", "RUNNING", "STOPPING"} | set(states.values()):
+            count = sum(1 for s in states.values() if s == state)
+            self._by_state.set(count, tags={"state": state})
+        self._known = dict(states)
 
 
 __all__ = ["QueueFullError", "RouterDeployment"]

@@ -11,39 +11,48 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from ray import serve
 from ray.serve.metrics import Gauge
 
+from pagedserve.autoscale import serve_policy as sp
+from pagedserve.autoscale.startup import report_startup, start_engine
 from pagedserve.config import ClusterConfig
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.llm_engine import EngineStats
-from pagedserve.replicas.engine.process_engine import ProcessEngine
+from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 HASH_REPORT_PERIOD_S = 0.5  # prefix summaries change slowly; capacity is sent more often
 HEARTBEAT_S = 1.0
+TTFT_WINDOW_S = 10.0  # "recent" TTFT for the autoscaler
+_IMPORTED_AT = time.perf_counter()
 
 
 class ReplicaDeployment:
     """One engine behind Serve; `generate` yields `RequestOutput` deltas."""
 
     async def __init__(self, config: dict, router=None) -> None:
+        timer = PhaseTimer()
+        timer.add("replica_imports", time.perf_counter() - _IMPORTED_AT)  # at most once per actor
         self.config = ClusterConfig(**config)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         # The engine gets a process of its own: streaming to callers keeps this one's event loop
         # busy, and sharing its GIL slowed the engine's steps tenfold on a GPU.
-        loop = asyncio.get_running_loop()
-        self.engine = await loop.run_in_executor(
-            None, ProcessEngine, self.config.engine, self.config.torch_threads,
-            self.config.max_deltas_per_s)
+        self.engine, self.weights_from = await start_engine(self.config, router, timer)
         if self.config.warmup:
-            await self._warm_up()
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+            with timer.phase("warmup"):
+                await self._warm_up()
+        self.startup_phases = timer.phases
+        report_startup(self.replica_id, timer.phases, self.weights_from)
         self.router = router
+        self._router_view = {"queue_len": 0, "oldest_wait_s": 0.0}
+        self._ttfts: deque[tuple[float, float]] = deque(maxlen=256)  # (when, seconds)
         self.draining = False
         self._received: list[str] = []
         self._wake = asyncio.Event()
@@ -62,8 +71,12 @@ class ReplicaDeployment:
         finally:  # confirm only once the engine counts it, or the router would see a free slot
             self._received.append(request_id)
             self._wake.set()
+        started, first = time.monotonic(), True
         try:
             async for delta in stream:
+                if first:
+                    first = False
+                    self._ttfts.append((time.monotonic(), time.monotonic() - started))
                 yield RequestOutput(delta.request_id, None, [], delta.outputs, delta.finished,
                                     delta.num_cached_tokens)
         finally:
@@ -72,17 +85,27 @@ class ReplicaDeployment:
     async def stats(self) -> dict:
         """Engine counters plus this replica's id (tests and operators read it)."""
         stats = asdict(await self.engine.stats())
-        return {"replica_id": self.replica_id, **stats}
+        return {"replica_id": self.replica_id, "weights_from": self.weights_from,
+                "startup_phases": self.startup_phases, **stats}
+
+    def ready(self) -> bool:
+        """Answers once this replica is up (the ingress calls it to wake a scaled-to-zero app)."""
+        return True
 
     def check_health(self) -> None:
         self.engine.check_health()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
+        """Signals for the autoscaling policy (names from `autoscale.serve_policy`)."""
         s = self.engine.stats_nowait()
+        recent = time.monotonic() - TTFT_WINDOW_S
         return {
-            "kv_usage": 1.0 - s.num_free_blocks / max(1, s.num_total_blocks),
-            "num_running": float(s.num_running),
-            "num_waiting": float(s.num_waiting),
+            sp.KV_USAGE: 1.0 - s.num_free_blocks / max(1, s.num_total_blocks),
+            sp.NUM_RUNNING: float(s.num_running),
+            sp.NUM_WAITING: float(s.num_waiting),
+            sp.ROUTER_QUEUE_LEN: float(self._router_view["queue_len"]),
+            sp.ROUTER_OLDEST_WAIT_S: float(self._router_view["oldest_wait_s"]),
+            sp.RECENT_TTFT_S: max((t for when, t in self._ttfts if when >= recent), default=0.0),
         }
 
     async def drain(self) -> None:
@@ -149,7 +172,9 @@ class ReplicaDeployment:
             "block_hashes": hashes,
             "draining": self.draining,
         }
-        await self.router.report.remote(report)
+        view = await self.router.report.remote(report)
+        if isinstance(view, dict):  # the router's queue, relayed to the autoscaler
+            self._router_view = view
 
     def _set_gauges(self, stats: EngineStats) -> None:
         self._gauges["running"].set(stats.num_running)

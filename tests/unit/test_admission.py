@@ -166,3 +166,16 @@ def test_prompt_block_hashes_match_what_the_block_manager_registers():
     bm.register_computed_blocks(seq)
     assert prompt_block_hashes(tokens, block_size) == seq.block_hashes[:2]
     assert set(prompt_block_hashes(tokens, block_size)) <= bm.cached_block_hashes()
+
+
+def test_a_retired_replica_gets_nothing_even_when_it_reports_room_again():
+    q, _ = make_queue()
+    q.report(report("A"))
+    q.report(report("B", running=3))
+    q.set_retired({"A"})  # Serve is stopping A: drain it
+    q.report(report("A"))  # it keeps reporting while its streams finish
+    q.enqueue(request("r1"))
+    q.enqueue(request("r2"))
+    assert q.assign() == [("r1", "B")]  # r2 waits for B rather than go to A
+    q.set_retired(set())  # A is gone from Serve's list: the set does not grow forever
+    assert q.retired == set() and "A" not in q.replicas

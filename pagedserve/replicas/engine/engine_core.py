@@ -7,7 +7,7 @@ sends one message with the outputs and the counters.
 
 Messages in:  ("add", id, request_id, prompt, params) ("abort", id, request_id) ("stats", id)
               ("hashes", id) ("want", request_id) ("stop",)
-Messages out: ("ready", stats) ("result", id, ok, value, stats) ("outputs", outputs, stats)
+Messages out: ("ready", stats, phases) ("result", id, ok, value, stats) ("outputs", outputs, stats)
               ("dead", message)
 Outputs are built only for requests whose consumer said it wants news ("want"; an add counts
 as one) and for finished requests; they travel as plain tuples (`wire.encode_output`).
@@ -18,21 +18,31 @@ from __future__ import annotations
 from pagedserve.replicas.engine.wire import encode_output
 
 
-def run_engine_core(config: dict, conn, torch_threads: int | None = None) -> None:
-    """Process entry point: build the engine, report ready, serve the pipe until told to stop."""
+def run_engine_core(config: dict, conn, torch_threads: int | None = None,
+                    shared_weights=None) -> None:
+    """Process entry point: build the engine, report ready, serve the pipe until told to stop.
+
+    `shared_weights` (a `SharedWeights`) supplies the weights instead of the model's files.
+    The ready message carries the start-up phases' wall times.
+    """
+    import time
+
+    started = time.perf_counter()
     import torch
 
     from pagedserve.config import EngineConfig
     from pagedserve.replicas.engine.llm_engine import LLMEngine
 
+    imports_s = time.perf_counter() - started
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        engine = LLMEngine(EngineConfig(**config), progress=False)
+        tensors = shared_weights.named_tensors() if shared_weights is not None else None
+        engine = LLMEngine(EngineConfig(**config), progress=False, tensors=tensors)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return
-    conn.send(("ready", engine.stats()))
+    conn.send(("ready", engine.stats(), {"engine_imports": imports_s, **engine.startup_phases}))
     _EngineCore(engine, conn).serve()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,12 +56,15 @@ class EngineStats:
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache; runs on CPU or one GPU, without Ray."""
 
-    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+    def __init__(self, config: EngineConfig, progress: bool = True, tensors=None) -> None:
+        """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
+        the model directory's safetensors files (e.g. the object store)."""
         if config.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet; use 1"
             )
         self.config = config
+        started = time.perf_counter()
         self.model_dir = resolve_model_dir(config.model, progress=progress)
         self.spec = load_model_spec(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -68,14 +72,16 @@ class LLMEngine:
         self.device = _device(config.device)
         self.dtype = _dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        files_s = time.perf_counter() - started  # config, tokenizer (and a first GGUF convert)
         self.runner = ModelRunner(config, self.spec, self.model_dir, self.device, self.dtype,
-                                  self.eos_token_ids, progress)
+                                  self.eos_token_ids, progress, tensors)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.max_model_len = self._max_model_len()
         self.requests: dict[str, Request] = {}
+        self.startup_phases = {"model_files": files_s, **self.runner.timer.phases}
         # Overlap host work with the device's: pays on a GPU, would only reorder work on a CPU.
         self.overlap_steps = self.device.type == "cuda"
         self._in_flight: _InFlight | None = None

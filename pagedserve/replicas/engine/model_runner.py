@@ -15,6 +15,7 @@ from pagedserve.replicas.engine.cuda_graphs import DecodeGraphs
 from pagedserve.replicas.engine.kv_sizing import profile_peak_bytes
 from pagedserve.replicas.engine.sampler import PendingSample, Sampler, SampleResult
 from pagedserve.replicas.engine.scheduler import SchedulerOutput
+from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.replicas.models.loader import load_model
 from pagedserve.replicas.models.spec import ModelSpec
 
@@ -42,18 +43,22 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_dir: str | Path,
                  device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
-                 progress: bool = True) -> None:
+                 progress: bool = True, tensors=None) -> None:
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
         self.block_size = config.block_size
-        self.model = load_model(spec, model_dir, dtype, device, progress)
-        self.num_blocks = self._num_kv_blocks()
-        # [layers, K/V, blocks, block_size, kv_heads, head_dim]: one allocation for the replica
-        self.kv_cache = torch.zeros(
-            spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim,
-            dtype=dtype, device=device,
-        )
+        self.timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
+        with self.timer.phase("weights"):
+            self.model = load_model(spec, model_dir, dtype, device, progress, tensors)
+        with self.timer.phase("kv_cache"):
+            self.num_blocks = self._num_kv_blocks()
+            # [layers, K/V, blocks, block_size, kv_heads, head_dim]: one allocation per replica
+            self.kv_cache = torch.zeros(
+                spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads,
+                spec.head_dim, dtype=dtype, device=device,
+            )
         self.sampler = Sampler(eos_token_ids)
-        self.graphs = self._capture_graphs()
+        with self.timer.phase("cuda_graphs"):
+            self.graphs = self._capture_graphs()
         self._prev_tokens: torch.Tensor | None = None  # last step's sampled ids, on the device
         self._prev_rows: dict[int, int] = {}  # seq_id -> row of that tensor
 

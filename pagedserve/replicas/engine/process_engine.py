@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import threading
+import time
 
 from pagedserve.config import EngineConfig
 from pagedserve.replicas.engine.engine_core import run_engine_core
@@ -26,17 +27,23 @@ class ProcessEngine(EngineFront):
     """Same calls as `AsyncEngine`; the engine runs in a child process it owns."""
 
     def __init__(self, config: EngineConfig, torch_threads: int | None = None,
-                 max_deltas_per_s: float | None = None) -> None:
+                 max_deltas_per_s: float | None = None, shared_weights=None) -> None:
+        """`shared_weights`: a `SharedWeights` to load instead of the model's files."""
+        started = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=run_engine_core, name="pagedserve-engine-core",
-                                    args=(config.model_dump(), child, torch_threads), daemon=True)
+                                    args=(config.model_dump(), child, torch_threads,
+                                          shared_weights), daemon=True)
         self._process.start()
         child.close()
         super().__init__(max_deltas_per_s)
         self._send_lock = threading.Lock()
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._stats = self._wait_ready()
+        self._stats, phases = self._wait_ready()
+        total = time.perf_counter() - started
+        # What the engine did not time itself: spawning the process, pipes, unpickling.
+        self.startup_phases = {"engine_process": max(0.0, total - sum(phases.values())), **phases}
         self._reader = threading.Thread(target=self._read, name="pagedserve-engine-reader",
                                         daemon=True)
         self._reader.start()
@@ -76,11 +83,11 @@ class ProcessEngine(EngineFront):
         if not self._conn.poll(START_TIMEOUT_S):
             self._process.kill()
             raise RuntimeError(f"the engine process did not start in {START_TIMEOUT_S:.0f} s")
-        kind, value = self._conn.recv()
+        kind, value, *phases = self._conn.recv()
         if kind != "ready":
             self._process.join(5)
             raise RuntimeError(value)
-        return value
+        return value, phases[0]
 
     def _read(self) -> None:
         """Reader thread: dispatch every message from the engine process until it ends."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,15 +14,21 @@ from pagedserve.replicas.models.spec import ModelSpec
 
 
 def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               progress: bool = True) -> LlamaForCausalLM:
-    """Create the model without initialising weights, then fill every parameter from disk."""
-    files = safetensors_files(model_dir)
+               progress: bool = True,
+               tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> LlamaForCausalLM:
+    """Create the model without initialising weights, then fill every parameter.
+
+    The weights come from `tensors` (checkpoint names and tensors, e.g. from the object store)
+    when given, else from the directory's safetensors files.
+    """
+    if tensors is None:
+        tensors = read_safetensors(safetensors_files(model_dir), progress)
     with torch.device("meta"):
         model = LlamaForCausalLM(spec)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     model.model.rotary.build(device)
-    _load_weights(model, files, progress)
+    _load_weights(model, tensors)
     return model.eval()
 
 
@@ -36,15 +43,22 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def _load_weights(model: LlamaForCausalLM, files: list[Path], progress: bool) -> None:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = _expected_checkpoint_names(model, params)
-    loaded: set[str] = set()
+def read_safetensors(files: list[Path], progress: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint files, one at a time, as `(name, tensor)`."""
     for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                if _load_one(model, params, name, f.get_tensor(name)):
-                    loaded.add(name)
+                yield name, f.get_tensor(name)
+
+
+def _load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = _expected_checkpoint_names(model, params)
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        if _load_one(model, params, name, tensor):
+            loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -1,0 +1,89 @@
+"""Serve's custom autoscaling hook for the replica deployment, around the pure `policy.decide`.
+
+Serve constructs `ReplicaAutoscalingPolicy(**policy_kwargs)` once in its controller and calls it
+every control-loop tick with an `AutoscalingContext`. The signals come from the replicas'
+`record_autoscaling_stats` (averaged by Serve over `look_back_period_s`); each replica also relays
+the router queue's depth and oldest wait, which it learns with every capacity report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from pagedserve.autoscale.policy import PolicyState, Signals, decide
+from pagedserve.config import AutoscaleConfig
+
+# Serve's own logger: its INFO lines reach the replica and controller log files (ours would
+# stop at the root logger's WARNING level).
+logger = logging.getLogger("ray.serve")
+
+# Names of the values a replica returns from `record_autoscaling_stats`.
+KV_USAGE = "kv_usage"
+NUM_RUNNING = "num_running"
+NUM_WAITING = "num_waiting"
+ROUTER_QUEUE_LEN = "router_queue_len"
+ROUTER_OLDEST_WAIT_S = "router_oldest_wait_s"
+RECENT_TTFT_S = "recent_ttft_s"
+
+_STATE_KEY = "pagedserve"
+
+
+class ReplicaAutoscalingPolicy:
+    """Callable Serve policy: `(AutoscalingContext) -> (replicas, policy_state)`."""
+
+    def __init__(self, running_per_replica: int, **autoscale: object) -> None:
+        self.config = AutoscaleConfig(**autoscale)
+        self.running_per_replica = self.config.running_per_replica or running_per_replica
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        signals = signals_from_context(ctx, self.running_per_replica)
+        stored = (ctx.policy_state or {}).get(_STATE_KEY) or {}
+        target, state = decide(signals, PolicyState(**stored), self.config)
+        if target != signals.target_replicas:
+            logger.info("autoscale: %d -> %d replicas (queue %d, oldest wait %.2f s, running %d, "
+                        "kv %.2f, ttft %.2f s)", signals.target_replicas, target,
+                        signals.queue_len, signals.oldest_wait_s, signals.num_running,
+                        signals.max_kv_usage, signals.recent_ttft_s)
+        return target, {_STATE_KEY: asdict(state)}
+
+
+def signals_from_context(ctx, running_per_replica: int) -> Signals:
+    """Collapse Serve's per-replica metrics into the policy's `Signals`."""
+    metrics = ctx.aggregated_metrics or {}
+
+    def per_replica(name: str) -> list[float]:
+        return [float(v) for v in (metrics.get(name) or {}).values()]
+
+    router_queue = max(per_replica(ROUTER_QUEUE_LEN), default=0.0)
+    handle_queue = float(ctx.total_queued_requests or 0.0)
+    return Signals(
+        now=float(ctx.current_time) if ctx.current_time is not None else 0.0,
+        current_replicas=int(ctx.current_num_replicas),
+        target_replicas=int(ctx.target_num_replicas),
+        queue_len=round(router_queue + handle_queue),
+        oldest_wait_s=max(per_replica(ROUTER_OLDEST_WAIT_S), default=0.0),
+        num_running=round(sum(per_replica(NUM_RUNNING)) + sum(per_replica(NUM_WAITING))),
+        max_kv_usage=max(per_replica(KV_USAGE), default=0.0),
+        recent_ttft_s=max(per_replica(RECENT_TTFT_S), default=0.0),
+        running_per_replica=running_per_replica,
+    )
+
+
+def serve_autoscaling_config(config: AutoscaleConfig, running_per_replica: int) -> dict:
+    """The `autoscaling_config` of the replica deployment: our policy, with Serve's own delays
+    off (the policy does its own hysteresis)."""
+    kwargs = config.model_dump(exclude={"graceful_shutdown_timeout_s", "membership_poll_s"})
+    return {
+        "min_replicas": config.min_replicas,
+        "initial_replicas": max(1, config.min_replicas),
+        "max_replicas": config.max_replicas,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "look_back_period_s": config.look_back_period_s,
+        "metrics_interval_s": config.metrics_interval_s,
+        "policy": {
+            "policy_function": f"{__name__}:{ReplicaAutoscalingPolicy.__name__}",
+            "policy_kwargs": {"running_per_replica": running_per_replica, **kwargs},
+        },
+    }

@@ -1,0 +1,110 @@
+"""Weights from the object store: the same greedy tokens as from disk; a dead store means disk.
+
+Runs its own small local Ray cluster (no Serve, no HTTP port) and shuts only that one down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedserve.autoscale.startup import start_engine
+from pagedserve.autoscale.weight_store import WeightStores
+from pagedserve.config import ClusterConfig
+from pagedserve.replicas.engine.startup_phases import PhaseTimer
+from pagedserve.sampling_params import SamplingParams
+
+PROMPT = [5, 17, 33, 101, 7, 250, 12]
+
+
+@ray.remote(num_cpus=0)
+class StoreRouter:
+    """The two router calls a starting replica makes, backed by the real `WeightStores`."""
+
+    def __init__(self, model: str, max_gib: float = 1.0) -> None:
+        self.stores = WeightStores(f"test-{max_gib}", model, max_gib=max_gib)
+
+    def weight_store(self, node_id: str):
+        return self.stores.for_node(node_id)
+
+    def forget_weight_store(self, node_id: str) -> None:
+        self.stores.forget(node_id)
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tiny_model_factory, tmp_path_factory):
+    """A tiny checkpoint stored in bfloat16, so the store's uint16 path is exercised."""
+    out = tmp_path_factory.mktemp("bf16") / "model"
+    shutil.copytree(tiny_model_factory("llama-gqa-tied"), out)
+    weights = load_file(out / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def _config(model) -> ClusterConfig:
+    return ClusterConfig(engine={"model": str(model), "device": "cpu", "dtype": "float32",
+                                 "num_kvcache_blocks": 64, "max_num_seqs": 4},
+                         torch_threads=1, weight_store={"max_gib": 1.0})
+
+
+async def _greedy_tokens(config: ClusterConfig, router) -> tuple[list[int], str, dict]:
+    timer = PhaseTimer()
+    engine, source = await start_engine(config, router, timer)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        tokens = []
+        async for delta in await engine.add_request(PROMPT, params, "r"):
+            tokens += delta.outputs[0].token_ids
+        return tokens, source, timer.phases
+    finally:
+        await engine.shutdown()
+
+
+def test_store_weights_give_disk_tokens_and_a_dead_store_falls_back(bf16_model, local_ray,
+                                                                     caplog):
+    config = _config(bf16_model)
+    router = StoreRouter.remote(str(bf16_model))
+
+    async def main():
+        from_disk = await _greedy_tokens(config, None)
+        from_store = await _greedy_tokens(config, router)
+        node = ray.get_runtime_context().get_node_id()
+        store = await router.weight_store.remote(node)
+        stats = await store.stats.remote()
+        ray.kill(store)
+        await asyncio.sleep(0.5)
+        with caplog.at_level(logging.WARNING, logger="pagedserve.autoscale.weight_client"):
+            after_death = await _greedy_tokens(config, router)
+        return from_disk, from_store, stats, after_death
+
+    from_disk, from_store, stats, after_death = asyncio.run(main())
+    assert from_disk[1] == "disk" and from_store[1] == "object_store"
+    assert len(from_disk[0]) == 12
+    assert from_store[0] == from_disk[0]
+    assert "weight_fetch" in from_store[2] and "weights" in from_store[2]
+    assert stats["num_tensors"] > 0 and 0 < stats["bytes"] < 2**30
+    assert after_death[1] == "disk" and after_death[0] == from_disk[0]
+    assert any("loading the weights from disk" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_over_the_bound_is_refused_and_replicas_use_disk(bf16_model, local_ray, caplog):
+    config = _config(bf16_model)
+    router = StoreRouter.remote(str(bf16_model), max_gib=1e-6)
+    with caplog.at_level(logging.WARNING, logger="pagedserve.autoscale.weight_client"):
+        tokens, source, _ = asyncio.run(_greedy_tokens(config, router))
+    assert source == "disk" and len(tokens) == 12
+    assert any("exceed the weight store's bound" in r.getMessage() for r in caplog.records)

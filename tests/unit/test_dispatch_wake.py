@@ -1,0 +1,76 @@
+"""With no replica running (min_replicas: 0), a waiting admission wakes the deployment."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pagedserve.cluster import dispatch
+from pagedserve.cluster.dispatch import Dispatcher
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class FakeRouter:
+    """Admits once a replica has started; counts ready replicas."""
+
+    def __init__(self) -> None:
+        self.replica_up = asyncio.Event()
+        self.admit = _Method(self._admit)
+        self.num_ready_replicas = _Method(self._num_ready)
+
+    async def _admit(self, request: dict) -> str:
+        await self.replica_up.wait()
+        return "replica-1"
+
+    async def _num_ready(self) -> int:
+        return 1 if self.replica_up.is_set() else 0
+
+
+class FakeReplicas:
+    """A replica handle whose queued `ready` call makes the autoscaler start a replica."""
+
+    def __init__(self, router: FakeRouter) -> None:
+        self.router, self.woken = router, 0
+        self.ready = _Method(self._ready)
+
+    def options(self, **_):
+        return self
+
+    async def _ready(self) -> bool:
+        self.woken += 1
+        await asyncio.sleep(0.05)  # the replica starts
+        self.router.replica_up.set()
+        return True
+
+
+def test_waiting_with_no_replica_wakes_one_and_is_admitted(monkeypatch):
+    monkeypatch.setattr(dispatch, "WAKE_AFTER_S", 0.05)
+
+    async def main():
+        router = FakeRouter()
+        replicas = FakeReplicas(router)
+        chosen = await Dispatcher(router, replicas, 16, 1)._admit(
+            dispatch.Job("r", [1, 2, 3], None), set())
+        return chosen, replicas.woken
+
+    assert asyncio.run(main()) == ("replica-1", 1)
+
+
+def test_a_quick_admission_wakes_nobody(monkeypatch):
+    monkeypatch.setattr(dispatch, "WAKE_AFTER_S", 0.5)
+
+    async def main():
+        router = FakeRouter()
+        router.replica_up.set()
+        replicas = FakeReplicas(router)
+        chosen = await Dispatcher(router, replicas, 16, 1)._admit(
+            dispatch.Job("r", [1, 2, 3], None), set())
+        return chosen, replicas.woken
+
+    assert asyncio.run(main()) == ("replica-1", 0)

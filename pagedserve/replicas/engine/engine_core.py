@@ -16,8 +16,12 @@ as one) and for finished requests.
 from __future__ import annotations
 
 
-def run_engine_core(config: dict, conn, torch_threads: int | None = None) -> None:
-    """Process entry point: build the engine, report ready, serve the pipe until told to stop."""
+def run_engine_core(config: dict, conn, torch_threads: int | None = None,
+                    init_method: str | None = None) -> None:
+    """Process entry point: build the engine, report ready, serve the pipe until told to stop.
+
+    `init_method` is where the other tensor-parallel ranks wait for this one (rank 0).
+    """
     import torch
 
     from pagedserve.config import EngineConfig
@@ -26,7 +30,7 @@ def run_engine_core(config: dict, conn, torch_threads: int | None = None) -> Non
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        engine = LLMEngine(EngineConfig(**config), progress=False)
+        engine = LLMEngine(EngineConfig(**config), progress=False, init_method=init_method)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return
@@ -52,6 +56,7 @@ class _EngineCore:
                     self.wanted.discard(out.request_id)
                 if outputs:
                     self.conn.send(("outputs", outputs, self.engine.stats()))
+            self.engine.shutdown()  # a clean stop: the other tensor-parallel ranks end too
         except (EOFError, BrokenPipeError):  # the server process is gone
             return
         except BaseException as err:

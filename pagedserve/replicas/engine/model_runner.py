@@ -99,8 +99,8 @@ class ModelRunner:
         receiver = StepReceiver(self.tp)
         while (step := receiver.receive()) is not None:
             logits = self._forward(step.inputs, step.num_seqs, step.graph_size)
-            if logits is not None:  # rank 0 samples; a later decode may read these ids
-                self._prev_tokens = receiver.receive_tokens(logits.shape[0])
+            if logits is not None and step.ids_follow:  # rank 0 samples; a later decode may
+                self._prev_tokens = receiver.receive_tokens(logits.shape[0])  # read these ids
 
     def stop_followers(self) -> None:
         """Rank 0: end the other ranks' `follow` loops."""

@@ -24,11 +24,13 @@ START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles
 class ProcessEngine(EngineFront):
     """Same calls as `AsyncEngine`; the engine runs in a child process it owns."""
 
-    def __init__(self, config: EngineConfig, torch_threads: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, torch_threads: int | None = None,
+                 init_method: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=run_engine_core, name="pagedserve-engine-core",
-                                    args=(config.model_dump(), child, torch_threads), daemon=True)
+        self._process = ctx.Process(
+            target=run_engine_core, name="pagedserve-engine-core", daemon=True,
+            args=(config.model_dump(), child, torch_threads, init_method))
         self._process.start()
         child.close()
         super().__init__()
@@ -48,6 +50,14 @@ class ProcessEngine(EngineFront):
             with contextlib.suppress(OSError):  # it may be exiting already
                 self._send(("stop",))
             await asyncio.get_running_loop().run_in_executor(None, self._process.join, 10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def fail(self, message: str) -> None:
+        """Stop the engine now (e.g. a tensor-parallel rank died): every stream and command
+        gets an EngineDeadError, and the process is killed rather than left waiting on a
+        collective that will never complete."""
+        self._fail(message)
         if self._process.is_alive():
             self._process.kill()
 

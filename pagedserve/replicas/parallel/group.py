@@ -39,9 +39,13 @@ def join_group(init_method: str, rank: int, size: int, device: torch.device) -> 
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    return TensorParallel(rank, size, device)
+                            timeout=timeout)
+    # Step control travels host to host (gloo) even on GPUs: a follower then gets the next
+    # step's inputs while the GPU still runs this one, instead of after its NCCL stream drains.
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    return TensorParallel(rank, size, device, control)
 
 
 def leave_group() -> None:

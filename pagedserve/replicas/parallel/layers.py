@@ -25,11 +25,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place in a tensor-parallel group: `rank` of `size` ranks on `device`."""
+    """This process's place in a tensor-parallel group: `rank` of `size` ranks on `device`.
+
+    `control_group` carries host-side control messages (gloo); None means the default group
+    (already gloo on CPU).
+    """
 
     rank: int
     size: int
     device: torch.device
+    control_group: object | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)

@@ -1,10 +1,11 @@
 """Per-step control of a tensor-parallel group: rank 0 broadcasts, the other ranks follow.
 
-Rank 0 runs the scheduler and builds the step's flat input tensor (see `step_inputs.upload`);
-the other ranks need exactly that tensor. Each step costs two broadcasts inside the group: a
-fixed-size header (what to do, the layout of the inputs) and the flat inputs themselves, plus
-one broadcast of the sampled token ids after sampling (a later decode may read them on the
-device). No Ray call and no host round trip per rank per step.
+Rank 0 runs the scheduler and builds the step's flat input array (see `step_inputs.upload`);
+the other ranks need exactly that array. Each step costs two host-side broadcasts inside the
+group (gloo): a fixed-size header (what to do, the layout of the inputs) and the flat inputs.
+On a GPU, where the engine launches a step before the previous one's sampled ids reach the
+host, rank 0 also broadcasts those ids on the device (NCCL), since a later decode reads them
+there. No Ray call and no round trip per rank per step.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from pagedserve.replicas.parallel.layers import TensorParallel
 
 _STEP, _STOP = 1, 2
 _NUM_ARRAYS = 9  # the arrays of FlatLayout.lengths
-# kind, num_seqs, num_decodes, max_query_len, graph size (0: eager), table rows, table width,
-# then the nine lengths
-_HEADER_LEN = 7 + _NUM_ARRAYS
+# kind, num_seqs, num_decodes, max_query_len, graph size (0: eager), ids follow (0/1),
+# table rows, table width, then the nine lengths
+_HEADER_LEN = 8 + _NUM_ARRAYS
+
+
+def shares_sampled_ids(tp: TensorParallel) -> bool:
+    """Only a GPU engine overlaps steps, so only there can inputs name ids still on the device."""
+    return tp.device.type == "cuda"
 
 
 class StepBroadcaster:
@@ -28,33 +34,34 @@ class StepBroadcaster:
 
     def __init__(self, tp: TensorParallel) -> None:
         self.tp = tp
+        self.share_ids = shares_sampled_ids(tp)
 
     def publish(self, host: HostInputs, inputs: DeviceInputs, graph_size: int | None) -> None:
         layout = inputs.layout
-        values = [_STEP, host.num_seqs, host.num_decodes, host.max_query_len, graph_size or 0,
-                  *layout.table_shape, *layout.lengths]
-        self._send_header(values)
-        dist.broadcast(inputs.flat, src=0)
+        self._send_header([_STEP, host.num_seqs, host.num_decodes, host.max_query_len,
+                           graph_size or 0, int(self.share_ids), *layout.table_shape,
+                           *layout.lengths])
+        dist.broadcast(inputs.host_flat, src=0, group=self.tp.control_group)
 
     def share_tokens(self, tokens: torch.Tensor) -> None:
-        dist.broadcast(tokens.contiguous(), src=0)
+        if self.share_ids:
+            dist.broadcast(tokens.contiguous(), src=0)
 
     def stop(self) -> None:
         self._send_header([_STOP] + [0] * (_HEADER_LEN - 1))
 
     def _send_header(self, values: list[int]) -> None:
-        # A fresh tensor each step: with NCCL the previous copy may still be in flight.
         header = torch.from_numpy(np.array(values, np.int64))
-        if self.tp.device.type == "cuda":
-            header = header.pin_memory().to(self.tp.device, non_blocking=True)
-        dist.broadcast(header, src=0)
+        dist.broadcast(header, src=0, group=self.tp.control_group)
 
 
 class FollowedStep:
     """One step as a follower rank receives it."""
 
-    def __init__(self, inputs: DeviceInputs, num_seqs: int, graph_size: int | None) -> None:
+    def __init__(self, inputs: DeviceInputs, num_seqs: int, graph_size: int | None,
+                 ids_follow: bool) -> None:
         self.inputs, self.num_seqs, self.graph_size = inputs, num_seqs, graph_size
+        self.ids_follow = ids_follow
 
 
 class StepReceiver:
@@ -64,17 +71,17 @@ class StepReceiver:
         self.tp = tp
 
     def receive(self) -> FollowedStep | None:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.tp.device)
-        dist.broadcast(header, src=0)
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.tp.control_group)
         values = header.tolist()
         if values[0] == _STOP:
             return None
-        _, num_seqs, num_decodes, max_query_len, graph_size, rows, width = values[:7]
-        layout = FlatLayout(values[7:], (rows, width))
-        flat = torch.empty(sum(layout.lengths), dtype=torch.int64, device=self.tp.device)
-        dist.broadcast(flat, src=0)
-        inputs = layout.views(flat, num_decodes, max_query_len)
-        return FollowedStep(inputs, num_seqs, graph_size or None)
+        _, num_seqs, num_decodes, max_query_len, graph_size, ids_follow, rows, width = values[:8]
+        layout = FlatLayout(values[8:], (rows, width))
+        host_flat = torch.empty(sum(layout.lengths), dtype=torch.int64)
+        dist.broadcast(host_flat, src=0, group=self.tp.control_group)
+        inputs = layout.views(host_flat, num_decodes, max_query_len, self.tp.device)
+        return FollowedStep(inputs, num_seqs, graph_size or None, bool(ids_follow))
 
     def receive_tokens(self, count: int) -> torch.Tensor:
         tokens = torch.empty(count, dtype=torch.int64, device=self.tp.device)

@@ -18,12 +18,15 @@ from pagedserve.cluster.admission import QueueFullError
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import prompt_block_hashes
+from pagedserve.replicas.engine.engine_front import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+# A replica whose engine stopped (e.g. a tensor-parallel rank died) is as good as gone; Ray
+# re-raises the replica's EngineDeadError as an instance of it.
+_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, EngineDeadError)
 
 
 @dataclass

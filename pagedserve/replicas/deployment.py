@@ -146,7 +146,8 @@ class ReplicaDeployment:
             self._set_gauges(stats)
             key = (stats.num_running, stats.num_waiting, stats.num_free_blocks, self.draining)
             hashes_stale = hashes_stale or key != last_key
-            send_hashes = hashes_stale and now - last_hashes >= HASH_REPORT_PERIOD_S
+            send_hashes = (hashes_stale and not self.draining  # a stopped engine has none
+                           and now - last_hashes >= HASH_REPORT_PERIOD_S)
             quiet = key == last_key and not self._received and not send_hashes
             if quiet and now - last_push < HEARTBEAT_S:
                 continue

@@ -7,6 +7,7 @@ engine and the transformers peers load the same directory.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+if __name__ == "__main__":  # python benchmarks/random_model.py OUT_DIR [--shape 8b]
+    parser = argparse.ArgumentParser(description="write a random-weight Llama checkpoint")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="8b")
+    parser.add_argument("--device", default="cpu", help="where to draw the weights (cuda: faster)")
+    cli = parser.parse_args()
+    print(write_random_llama(cli.out_dir, cli.shape, device=cli.device))

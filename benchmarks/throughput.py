@@ -2,11 +2,14 @@
 
     python benchmarks/throughput.py                      # CPU: 32 prompts of 16-512 tokens, 64 out
     python benchmarks/throughput.py --device cuda --peers hf-generate,hf-cb   # 1B-shaped model
+    python benchmarks/throughput.py --device cuda --model-shape 8b --tensor-parallel-sizes 1,2 --peers ''
 
 On cuda without `--model` the model is a random-weight Llama of Llama-3.2-1B's shape (`--model-shape
 8b`: Llama-3.1-8B's), written to a temporary safetensors directory that every contender loads.
 
-Throughput is output tokens / wall seconds of one timed run, after an untimed warm-up.
+With several `--tensor-parallel-sizes` our engine is measured once per size, in that order,
+each instance shut down before the next loads; the table then also gives each size over the
+first. Throughput is output tokens / wall seconds of one timed run, after an untimed warm-up.
 Prompts are random token ids and EOS is ignored, so every request generates exactly its length.
 """
 
@@ -83,7 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default="hf-generate", help=f"comma list from {','.join(PEERS)}")
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/...)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
+    p.add_argument("--tensor-parallel-sizes", default="1",
+                   help="comma list: our engine is measured at each (e.g. 1,2)")
+    p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
     args = p.parse_args(argv)
+    args.tensor_parallel_sizes = [int(n) for n in args.tensor_parallel_sizes.split(",") if n]
     n, lo, hi, out_range = DEFAULTS[args.device]
     args.num_prompts = args.num_prompts or n
     args.max_prompt_len = args.max_prompt_len or hi
@@ -126,9 +133,13 @@ def cuda_warmup_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     return Workload(prompts, torch.randint(8, 33, (n,), generator=g).tolist(), vocab_size)
 
 
-def ours(args, model_dir: Path):
-    """Build our engine; return its generate(workload) -> (token counts, wall seconds)."""
-    kwargs = {}
+def ours(args, model_dir: Path, tensor_parallel_size: int = 1):
+    """Build our engine; return its generate(workload) -> (token counts, wall seconds).
+
+    The function's `close()` shuts the engine's tensor-parallel ranks down.
+    """
+    kwargs = {"tensor_parallel_size": tensor_parallel_size,
+              "enforce_eager": getattr(args, "enforce_eager", False)}
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.device == "cuda":  # the longest request of the workload bounds the block tables
@@ -140,6 +151,7 @@ def ours(args, model_dir: Path):
         outs, wall = common.timed(args.device, lambda: llm.generate(w.prompts, params, use_tqdm=False))
         return [len(o.outputs[0].token_ids) for o in outs], wall
 
+    generate.close = llm.shutdown
     return generate
 
 
@@ -212,7 +224,7 @@ def _drain(manager, pairs: list[tuple[list[int], int]]) -> list[int]:
 def measure(name: str, build, args, wl: Workload, warm: Workload, repeats: int = 1) -> Row:
     """Build a contender, warm it up, time it on the workload. A failing peer becomes a skipped row."""
     common.reset_peak_memory(args.device)
-    again = []
+    again, generate = [], None
     try:
         generate = build()
         generate(warm)
@@ -225,10 +237,12 @@ def measure(name: str, build, args, wl: Workload, warm: Workload, repeats: int =
             again.append(sum(more) / more_wall)
             print(f"{name} repeat {i} (seed {args.seed + i}): {again[-1]:.1f} tok/s", flush=True)
     except Exception as e:
-        if name == "pagedserve":
+        if name.startswith("pagedserve"):
             raise
         return Row(name, len(wl.prompts), skipped=f"{type(e).__name__}: {e}")
     finally:
+        if hasattr(generate, "close"):
+            generate.close()
         generate = None  # free the model (and its KV cache) before the next contender loads
         gc.collect()
     tokens = sum(counts)
@@ -262,16 +276,23 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     wl = make_workload(args, vocab_size)
     warm = (cuda_warmup_workload(args, vocab_size) if args.device == "cuda"
             else warmup_workload(args.seed, vocab_size))
-    rows = [measure("pagedserve", lambda: ours(args, model_dir), args, wl, warm, args.repeats)]
+    rows = []
+    for tp in args.tensor_parallel_sizes:
+        name = "pagedserve" if tp == 1 else f"pagedserve-tp{tp}"
+        rows.append(measure(name, lambda tp=tp: ours(args, model_dir, tp), args, wl, warm,
+                            args.repeats))
+    ours_rows = len(rows)
     for name in args.peers:
         rows.append(measure(name, lambda n=name: peer(n, args, model_dir), args, wl, warm))
     for r in rows[1:]:
         r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
     print(common.format_table([asdict(r) for r in rows], COLUMNS))
+    for r in rows[1:ours_rows]:
+        print(f"{r.name} / {rows[0].name}: {r.tokens_per_s / rows[0].tokens_per_s:.2f}x")
     for r in rows:
         if r.skipped:
             print(f"{r.name} skipped: {r.skipped}")
-    peers = [r for r in rows[1:] if r.tokens_per_s]
+    peers = [r for r in rows[ours_rows:] if r.tokens_per_s]
     if peers:
         best = max(peers, key=lambda r: r.tokens_per_s)
         print(f"ours / fastest peer ({best.name}): {best.ratio:.2f}x")
@@ -285,6 +306,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         "warmup": {"num_prompts": len(warm.prompts),
                    "output_len": [min(warm.output_lens), max(warm.output_lens)]},
         "repeats": args.repeats,
+        "tensor_parallel_sizes": args.tensor_parallel_sizes,
         "rows": [asdict(r) for r in rows],
     }
     common.write_results(result, args.out, {r.name: r.tokens_per_s for r in rows if r.tokens_per_s},

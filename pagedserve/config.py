@@ -116,6 +116,7 @@ class ClusterConfig(BaseModel):
     served_model_name: str | None = None  # the `model` clients send; default: the model's name
     num_replicas: int = Field(default=1, ge=1)
     num_ingress_replicas: int = Field(default=1, ge=1)  # HTTP/SSE work spreads over these
+    # Per replica; with tensor parallelism per rank (one placement-group bundle each).
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica

@@ -21,6 +21,8 @@ class LLM:
 
     `LLM()` loads the embedded default model (SmolLM2-135M-Instruct); `LLM(path)` loads a local
     Hugging Face directory or a .gguf file. Extra keyword arguments are `EngineConfig` fields.
+    With `tensor_parallel_size=N` the model is split over N ranks: this process and N-1 local
+    child processes (one GPU each on CUDA, gloo on CPU); `shutdown()` stops them.
     """
 
     def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1,
@@ -29,6 +31,10 @@ class LLM:
                               **engine_kwargs)
         self.engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any; safe to call more than once."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -28,6 +28,11 @@ TINY_CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # 6 heads / 3 KV heads split three ways, and a vocabulary (512) that does not: tensor
+    # parallelism pads the last vocabulary shard.
+    "llama-6heads-tp3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=6, num_key_value_heads=3, hidden_size=192, intermediate_size=384,
+        tie_word_embeddings=False)),
 }
 
 
@@ -44,10 +49,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def write_tiny_model(out_dir: Path, name: str, seed: int = 0) -> Path:
     """Write a random-weight checkpoint (config, safetensors, tokenizer) for a TINY_CONFIGS entry."""
     config_cls, model_cls, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, config_cls)(
-        vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, **extra,
-    )
+    shape = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, config_cls)(**{**shape, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     _spread_weights(model)

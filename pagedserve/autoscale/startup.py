@@ -26,8 +26,8 @@ STORE_WAIT_S = 600.0  # the first store on a node may still be reading a large m
 PHASE_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
 
 
-async def start_engine(config: ClusterConfig, router, timer: PhaseTimer
-                       ) -> tuple[ProcessEngine, str]:
+async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
+                       init_method: str | None = None) -> tuple[ProcessEngine, str]:
     """The replica's engine, with its weights from the node's store when there is one.
 
     Returns the engine and where its weights came from: "object_store" or "disk".
@@ -40,7 +40,8 @@ async def start_engine(config: ClusterConfig, router, timer: PhaseTimer
     try:
         engine = await loop.run_in_executor(None, functools.partial(
             ProcessEngine, config.engine, config.torch_threads,
-            max_deltas_per_s=config.max_deltas_per_s, shared_weights=shared))
+            max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
+            shared_weights=shared))
     finally:
         if shared is not None:
             shared.unlink()  # the engine copied the tensors out (or failed)

@@ -15,6 +15,7 @@ from pagedserve.cluster.pinned_router import PinnedRequestRouter
 from pagedserve.cluster.router import RouterDeployment
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.deployment import ReplicaDeployment
+from pagedserve.replicas.parallel.workers import placement_bundles
 
 APP_NAME = "pagedserve"
 INGRESS_MAX_ONGOING = 4096  # the ingress only waits on I/O
@@ -27,6 +28,10 @@ def build_app(args: dict | None = None) -> Application:
     """Validate `args` as a ClusterConfig (unknown keys are an error) and bind the app."""
     config = ClusterConfig(**(args or {}))
     as_dict = config.model_dump()
+    # Tensor parallelism: one placement group per replica, a bundle per rank, on one node.
+    bundles = placement_bundles(config)
+    group = {} if bundles is None else {"placement_group_bundles": bundles,
+                                        "placement_group_strategy": "STRICT_PACK"}
     router = serve.deployment(
         RouterDeployment, name="Router", num_replicas=1,
         max_ongoing_requests=config.router.max_queue_len + 1024,
@@ -41,6 +46,7 @@ def build_app(args: dict | None = None) -> Application:
         ray_actor_options={"num_cpus": config.replica_num_cpus,
                            "num_gpus": config.replica_num_gpus},
         request_router_config=RequestRouterConfig(request_router_class=PinnedRequestRouter),
+        **group,
     ).bind(as_dict, router)
     return serve.deployment(
         IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,

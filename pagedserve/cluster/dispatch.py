@@ -18,13 +18,16 @@ from pagedserve.cluster.admission import QueueFullError
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import prompt_block_hashes
+from pagedserve.replicas.engine.engine_front import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 WAKE_AFTER_S = 1.0  # an admission waiting this long checks that some replica exists at all
-_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+# A replica whose engine stopped (e.g. a tensor-parallel rank died) is as good as gone; Ray
+# re-raises the replica's EngineDeadError as an instance of it.
+_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, EngineDeadError)
 
 
 @dataclass

@@ -3,6 +3,11 @@
 It streams output deltas to its caller over Serve's handle streaming, tells the router actor
 its capacity and the prefix blocks it caches every few tens of milliseconds, and reports ready
 only after the weights, the KV cache and one real generation are done.
+
+With tensor parallelism the replica starts ranks 1..N-1 as Ray actors in its placement group
+(its engine process is rank 0) and watches them: if one stops, the engine is stopped at once
+(in-flight streams end with an EngineDeadError), the router is told to send nothing more, and
+the health check fails so Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pagedserve.config import ClusterConfig
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.llm_engine import EngineStats
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
+from pagedserve.replicas.parallel.workers import RankWorkers
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,9 +48,21 @@ class ReplicaDeployment:
         timer.add("replica_imports", time.perf_counter() - _IMPORTED_AT)  # at most once per actor
         self.config = ClusterConfig(**config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.stopping = False
+        self.ranks = None
+        if self.config.engine.tensor_parallel_size > 1:
+            self.ranks = RankWorkers(self.config, f"pagedserve-{self.replica_id}")
+        init_method = self.ranks.init_method if self.ranks is not None else None
         # The engine gets a process of its own: streaming to callers keeps this one's event loop
         # busy, and sharing its GIL slowed the engine's steps tenfold on a GPU.
-        self.engine, self.weights_from = await start_engine(self.config, router, timer)
+        try:
+            self.engine, self.weights_from = await start_engine(self.config, router, timer,
+                                                                init_method)
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.kill()
+            raise
+        self._rank_watch = asyncio.create_task(self._watch_ranks()) if self.ranks else None
         if self.config.warmup:
             with timer.phase("warmup"):
                 await self._warm_up()
@@ -83,10 +101,14 @@ class ReplicaDeployment:
             self._wake.set()  # a slot is free: tell the router now, not at the next tick
 
     async def stats(self) -> dict:
-        """Engine counters plus this replica's id (tests and operators read it)."""
+        """Engine counters plus this replica's id and its rank actors' names (tests and
+        operators read them)."""
         stats = asdict(await self.engine.stats())
+        ranks = self.ranks.names if self.ranks is not None else []
+        namespace = self.ranks.namespace if self.ranks is not None else None
         return {"replica_id": self.replica_id, "weights_from": self.weights_from,
-                "startup_phases": self.startup_phases, **stats}
+                "startup_phases": self.startup_phases, "rank_workers": ranks,
+                "rank_namespace": namespace, **stats}
 
     def ready(self) -> bool:
         """Answers once this replica is up (the ingress calls it to wake a scaled-to-zero app)."""
@@ -94,6 +116,8 @@ class ReplicaDeployment:
 
     def check_health(self) -> None:
         self.engine.check_health()
+        if self.ranks is not None and (stopped := self.ranks.stopped()) is not None:
+            raise RuntimeError(stopped)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Signals for the autoscaling policy (names from `autoscale.serve_policy`)."""
@@ -114,12 +138,25 @@ class ReplicaDeployment:
         await self._push_report(include_hashes=False)
 
     async def __del__(self) -> None:
-        self.draining = True
+        self.draining = self.stopping = True
         if self._reporter is not None:
             self._reporter.cancel()
             with contextlib.suppress(Exception):  # the router may be gone already at shutdown
                 await self.router.deregister.remote(self.replica_id)
         await self.engine.shutdown()
+        if self.ranks is not None:
+            self.ranks.kill()
+
+    async def _watch_ranks(self) -> None:
+        """Stop the engine as soon as a rank stops: no half-dead replica keeps taking work."""
+        message = await self.ranks.wait_until_one_stops()
+        if self.stopping:
+            return
+        logger.error("%s; stopping this replica's engine", message)
+        self.engine.fail(message)
+        if getattr(self, "_reporter", None) is not None:  # started: tell the router
+            with contextlib.suppress(Exception):  # the health check still fails without it
+                await self.drain()
 
     async def _warm_up(self) -> None:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -139,7 +176,8 @@ class ReplicaDeployment:
             self._set_gauges(stats)
             key = (stats.num_running, stats.num_waiting, stats.num_free_blocks, self.draining)
             hashes_stale = hashes_stale or key != last_key
-            send_hashes = hashes_stale and now - last_hashes >= HASH_REPORT_PERIOD_S
+            send_hashes = (hashes_stale and not self.draining  # a stopped engine has none
+                           and now - last_hashes >= HASH_REPORT_PERIOD_S)
             quiet = key == last_key and not self._received and not send_hashes
             if quiet and now - last_push < HEARTBEAT_S:
                 continue

@@ -19,9 +19,10 @@ from pagedserve.replicas.engine.wire import encode_output
 
 
 def run_engine_core(config: dict, conn, torch_threads: int | None = None,
-                    shared_weights=None) -> None:
+                    init_method: str | None = None, shared_weights=None) -> None:
     """Process entry point: build the engine, report ready, serve the pipe until told to stop.
 
+    `init_method` is where the other tensor-parallel ranks wait for this one (rank 0).
     `shared_weights` (a `SharedWeights`) supplies the weights instead of the model's files.
     The ready message carries the start-up phases' wall times.
     """
@@ -38,7 +39,8 @@ def run_engine_core(config: dict, conn, torch_threads: int | None = None,
         torch.set_num_threads(torch_threads)
     try:
         tensors = shared_weights.named_tensors() if shared_weights is not None else None
-        engine = LLMEngine(EngineConfig(**config), progress=False, tensors=tensors)
+        engine = LLMEngine(EngineConfig(**config), progress=False, init_method=init_method,
+                           tensors=tensors)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return
@@ -63,6 +65,7 @@ class _EngineCore:
                 outputs = self.engine.step(stream=self.wanted.__contains__)
                 if outputs:
                     self.conn.send(("outputs", self._encode(outputs), self.engine.stats()))
+            self.engine.shutdown()  # a clean stop: the other tensor-parallel ranks end too
         except (EOFError, BrokenPipeError):  # the server process is gone
             return
         except BaseException as err:

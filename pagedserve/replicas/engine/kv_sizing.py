@@ -20,7 +20,7 @@ def profile_peak_bytes(runner) -> int:
     lens = ([rest] if rest else []) + [_PROFILE_SEQ_LEN] * (tokens // _PROFILE_SEQ_LEN)
     bs = runner.block_size
     blocks_per_seq = [-(-n // bs) for n in lens]
-    kv = torch.zeros(spec.num_layers, 2, sum(blocks_per_seq), bs, spec.num_kv_heads,
+    kv = torch.zeros(spec.num_layers, 2, sum(blocks_per_seq), bs, runner.num_kv_heads,
                      spec.head_dim, dtype=runner.dtype, device=device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()

@@ -19,6 +19,9 @@ from pagedserve.replicas.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.replicas.engine.sequence import PLACEHOLDER
 from pagedserve.replicas.models.registry import eos_token_ids, load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
+from pagedserve.replicas.parallel.group import leave_group
+from pagedserve.replicas.parallel.layers import check_tensor_parallel
+from pagedserve.replicas.parallel.ranks import join_as_rank0
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,27 +57,40 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Continuous-batching engine over a paged KV cache; runs on CPU or one GPU, without Ray."""
+    """Continuous-batching engine over a paged KV cache; runs on CPU or one GPU, without Ray.
 
-    def __init__(self, config: EngineConfig, progress: bool = True, tensors=None) -> None:
+    With `tensor_parallel_size` > 1 this engine is rank 0 of a tensor-parallel group: it
+    schedules and samples, and every rank computes its shard of each step. The other ranks wait
+    at `init_method` (started elsewhere, e.g. as Ray actors) or, without one, are started here
+    as local processes. `shutdown()` stops them.
+    """
+
+    def __init__(self, config: EngineConfig, progress: bool = True,
+                 init_method: str | None = None, tensors=None) -> None:
         """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
         the model directory's safetensors files (e.g. the object store)."""
-        if config.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet; use 1"
-            )
         self.config = config
         started = time.perf_counter()
         self.model_dir = resolve_model_dir(config.model, progress=progress)
         self.spec = load_model_spec(self.model_dir)
+        check_tensor_parallel(self.spec.num_heads, self.spec.num_kv_heads,
+                              self.spec.intermediate_size, config.tensor_parallel_size)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        self.device = _device(config.device)
-        self.dtype = _dtype(config.dtype, self.device)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
         files_s = time.perf_counter() - started  # config, tokenizer (and a first GGUF convert)
-        self.runner = ModelRunner(config, self.spec, self.model_dir, self.device, self.dtype,
-                                  self.eos_token_ids, progress, tensors)
+        tp, self._local_ranks = None, None
+        if config.tensor_parallel_size > 1:
+            tp, self._local_ranks = join_as_rank0(config, self.device, init_method)
+            self.device = tp.device
+        try:
+            self.runner = ModelRunner(config, self.spec, self.model_dir, self.device, self.dtype,
+                                      self.eos_token_ids, progress, tp, tensors)
+        except BaseException:
+            self._leave_group(tp)
+            raise
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -110,6 +126,21 @@ class LLMEngine:
         for seq in request.seqs:
             self.scheduler.finish(seq)
         return request.output()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (if any); the engine cannot step afterwards."""
+        runner = getattr(self, "runner", None)
+        if runner is not None and runner.tp is not None:
+            runner.stop_followers()
+            self._leave_group(runner.tp)
+            runner.tp = None
+
+    def _leave_group(self, tp) -> None:
+        if tp is not None:
+            leave_group()
+        if self._local_ranks is not None:
+            self._local_ranks.stop()
+            self._local_ranks = None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -240,7 +271,8 @@ def _check_token_ids(token_ids: list, vocab_size: int) -> None:
             raise ValueError(f"prompt token id {t!r} is not an integer in [0, {vocab_size})")
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device an `EngineConfig.device` names ("auto": CUDA when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -248,7 +280,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype an `EngineConfig.dtype` names ("auto": bfloat16 on CUDA, float32 on CPU)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]

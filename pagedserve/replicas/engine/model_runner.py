@@ -18,6 +18,8 @@ from pagedserve.replicas.engine.scheduler import SchedulerOutput
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.replicas.models.loader import load_model
 from pagedserve.replicas.models.spec import ModelSpec
+from pagedserve.replicas.parallel.layers import TensorParallel
+from pagedserve.replicas.parallel.step_channel import StepBroadcaster, StepReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +41,36 @@ class ModelRunner:
     `execute_async` launches a step and returns before its sampled ids reach the host, so the
     engine can schedule the next step meanwhile; that step's decode inputs may then name tokens
     still on the device (placeholders), which are filled in from the previous step's ids there.
+
+    Under tensor parallelism (`tp`) every rank has one, holding its shard of the weights and
+    its KV heads. Rank 0's is driven by the engine and broadcasts each step's inputs and sampled
+    ids; the others run `follow()`, which computes the same steps until rank 0 stops them.
+    Every rank builds its runner the same way, so start-up collectives (profiling, graph
+    capture) line up.
     """
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_dir: str | Path,
                  device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
-                 progress: bool = True, tensors=None) -> None:
+                 progress: bool = True, tp: TensorParallel | None = None,
+                 tensors=None) -> None:
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
         self.block_size = config.block_size
+        self.tp = tp
+        self.num_kv_heads = spec.num_kv_heads // (tp.size if tp is not None else 1)  # this rank's
         self.timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
         with self.timer.phase("weights"):
-            self.model = load_model(spec, model_dir, dtype, device, progress, tensors)
+            self.model = load_model(spec, model_dir, dtype, device, progress, tp, tensors)
         with self.timer.phase("kv_cache"):
             self.num_blocks = self._num_kv_blocks()
             # [layers, K/V, blocks, block_size, kv_heads, head_dim]: one allocation per replica
             self.kv_cache = torch.zeros(
-                spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads,
+                spec.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
                 spec.head_dim, dtype=dtype, device=device,
             )
         self.sampler = Sampler(eos_token_ids)
         with self.timer.phase("cuda_graphs"):
             self.graphs = self._capture_graphs()
+        self.broadcaster = StepBroadcaster(tp) if tp is not None and tp.rank == 0 else None
         self._prev_tokens: torch.Tensor | None = None  # last step's sampled ids, on the device
         self._prev_rows: dict[int, int] = {}  # seq_id -> row of that tensor
 
@@ -74,27 +86,55 @@ class ModelRunner:
         graph_size = self._graph_size(batch)
         host = step_inputs.prepare(batch, self.block_size, self._prev_rows, pad_to=graph_size)
         inputs = step_inputs.upload(host, self.device)
-        if len(host.fill_rows):  # decode inputs sampled by the step still in flight
-            inputs.ids.index_copy_(0, inputs.fill_rows,
-                                   self._prev_tokens.index_select(0, inputs.fill_from))
-        if graph_size is not None:
-            hidden = self.graphs.run(inputs, graph_size)[: host.num_seqs]
-        else:
-            hidden = self.model(inputs.ids, inputs.positions, inputs.meta, self.kv_cache)
-        sampled = [s.seq for s in batch.scheduled if s.samples]
-        if not sampled:
+        if self.broadcaster is not None:
+            self.broadcaster.publish(host, inputs, graph_size)
+        logits = self._forward(inputs, host.num_seqs, graph_size)
+        if logits is None:
             return None
-        if len(sampled) != host.num_seqs or graph_size is None:
-            hidden = hidden[inputs.sample_rows]
-        pending = self.sampler.sample_async(self.model.compute_logits(hidden), sampled)
+        sampled = [s.seq for s in batch.scheduled if s.samples]
+        pending = self.sampler.sample_async(logits, sampled)
+        if self.broadcaster is not None:
+            self.broadcaster.share_tokens(pending.tokens)
         self._prev_tokens = pending.tokens
         self._prev_rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
         return pending
 
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A rank > 0's loop: compute every step rank 0 publishes, until it says stop."""
+        receiver = StepReceiver(self.tp)
+        while (step := receiver.receive()) is not None:
+            logits = self._forward(step.inputs, step.num_seqs, step.graph_size)
+            if logits is not None and step.ids_follow:  # rank 0 samples; a later decode may
+                self._prev_tokens = receiver.receive_tokens(logits.shape[0])  # read these ids
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the other ranks' `follow` loops."""
+        if self.broadcaster is not None:
+            self.broadcaster.stop()
+            self.broadcaster = None
+
+    def _forward(self, inputs: step_inputs.DeviceInputs, num_seqs: int,
+                 graph_size: int | None) -> torch.Tensor | None:
+        """The step's logits at its sampling rows (None if no sequence samples)."""
+        if len(inputs.fill_rows):  # decode inputs sampled by the step still in flight
+            inputs.ids.index_copy_(0, inputs.fill_rows,
+                                   self._prev_tokens.index_select(0, inputs.fill_from))
+        if graph_size is not None:
+            hidden = self.graphs.run(inputs, graph_size)[:num_seqs]
+        else:
+            hidden = self.model(inputs.ids, inputs.positions, inputs.meta, self.kv_cache)
+        num_sampled = len(inputs.sample_rows)
+        if not num_sampled:
+            return None
+        if num_sampled != num_seqs or graph_size is None:
+            hidden = hidden[inputs.sample_rows]
+        return self.model.compute_logits(hidden)
+
     def kv_cache_bytes_per_block(self) -> int:
         spec = self.spec
         elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
+        return 2 * spec.num_layers * self.block_size * self.num_kv_heads * spec.head_dim * elem
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -126,6 +166,11 @@ class ModelRunner:
         return graphs
 
     def _num_kv_blocks(self) -> int:
+        blocks = self._local_kv_blocks()
+        # Every rank's cache must hold the same blocks: the scheduler on rank 0 plans for all.
+        return blocks if self.tp is None else self.tp.min_int(blocks)
+
+    def _local_kv_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
             return self.config.num_kvcache_blocks
         if self.device.type == "cuda":

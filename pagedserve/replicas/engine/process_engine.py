@@ -27,14 +27,17 @@ class ProcessEngine(EngineFront):
     """Same calls as `AsyncEngine`; the engine runs in a child process it owns."""
 
     def __init__(self, config: EngineConfig, torch_threads: int | None = None,
-                 max_deltas_per_s: float | None = None, shared_weights=None) -> None:
-        """`shared_weights`: a `SharedWeights` to load instead of the model's files."""
+                 max_deltas_per_s: float | None = None, init_method: str | None = None,
+                 shared_weights=None) -> None:
+        """`max_deltas_per_s`: see `EngineFront`; `init_method`: where the other
+        tensor-parallel ranks wait for this engine (rank 0); `shared_weights`: a
+        `SharedWeights` to load instead of the model's files."""
         started = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=run_engine_core, name="pagedserve-engine-core",
-                                    args=(config.model_dump(), child, torch_threads,
-                                          shared_weights), daemon=True)
+        self._process = ctx.Process(
+            target=run_engine_core, name="pagedserve-engine-core", daemon=True,
+            args=(config.model_dump(), child, torch_threads, init_method, shared_weights))
         self._process.start()
         child.close()
         super().__init__(max_deltas_per_s)
@@ -57,6 +60,14 @@ class ProcessEngine(EngineFront):
             with contextlib.suppress(OSError):  # it may be exiting already
                 self._send(("stop",))
             await asyncio.get_running_loop().run_in_executor(None, self._process.join, 10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def fail(self, message: str) -> None:
+        """Stop the engine now (e.g. a tensor-parallel rank died): every stream and command
+        gets an EngineDeadError, and the process is killed rather than left waiting on a
+        collective that will never complete."""
+        self._fail(message)
         if self._process.is_alive():
             self._process.kill()
 

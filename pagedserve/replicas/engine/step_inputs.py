@@ -46,6 +46,9 @@ class DeviceInputs:
     fill_from: torch.Tensor
     num_decodes: int
     max_query_len: int
+    flat: torch.Tensor | None = None  # the one tensor all of the above are views of ...
+    layout: FlatLayout | None = None  # ... and how they are cut from it
+    host_flat: torch.Tensor | None = None  # that tensor's host copy (tensor parallelism sends it)
 
     @functools.cached_property
     def meta(self) -> AttentionMetadata:
@@ -131,9 +134,27 @@ def upload(host: HostInputs, device: torch.device) -> DeviceInputs:
     """One host-to-device copy of every array, then views into it."""
     parts = [host.ids, host.positions, host.slots, host.context_lens, host.query_start_loc,
              host.block_tables.reshape(-1), host.sample_rows, host.fill_rows, host.fill_from]
-    flat = torch.from_numpy(np.concatenate(parts))
-    if device.type != "cpu":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    views = list(flat.split([len(p) for p in parts]))
-    views[5] = views[5].view(host.block_tables.shape)
-    return DeviceInputs(*views, num_decodes=host.num_decodes, max_query_len=host.max_query_len)
+    layout = FlatLayout([len(p) for p in parts], host.block_tables.shape)
+    return layout.views(torch.from_numpy(np.concatenate(parts)), host.num_decodes,
+                        host.max_query_len, device)
+
+
+@dataclass
+class FlatLayout:
+    """How `upload` packs a step's arrays into one int64 tensor (tensor-parallel ranks get the
+    same tensor and unpack it with the same layout)."""
+
+    lengths: list[int]  # of ids, positions, slots, context_lens, query_start_loc, the flat
+    # block tables, sample_rows, fill_rows, fill_from
+    table_shape: tuple[int, int]
+
+    def views(self, host_flat: torch.Tensor, num_decodes: int, max_query_len: int,
+              device: torch.device) -> DeviceInputs:
+        """Copy `host_flat` to `device` (one transfer) and cut the step's arrays from it."""
+        flat = host_flat
+        if device.type != "cpu":
+            flat = host_flat.pin_memory().to(device, non_blocking=True)
+        views = list(flat.split(self.lengths))
+        views[5] = views[5].view(self.table_shape)
+        return DeviceInputs(*views, num_decodes=num_decodes, max_query_len=max_query_len,
+                            flat=flat, layout=self, host_flat=host_flat)

@@ -12,18 +12,31 @@ from pagedserve import kernels
 from pagedserve.replicas.models.fused_ops import silu_and_mul
 from pagedserve.replicas.models.layers import AttentionMetadata, RMSNorm, Rope, RotaryEmbedding
 from pagedserve.replicas.models.spec import ModelSpec
+from pagedserve.replicas.parallel import layers as parallel
+from pagedserve.replicas.parallel.layers import TensorParallel
+
+
+def _tp_size(tp: TensorParallel | None) -> int:
+    return 1 if tp is None else tp.size
 
 
 class Attention(nn.Module):
-    """Self-attention with merged QKV, optional per-head q/k norm (Qwen3) and GQA."""
+    """Self-attention with merged QKV, optional per-head q/k norm (Qwen3) and GQA.
 
-    def __init__(self, spec: ModelSpec) -> None:
+    Under tensor parallelism this rank holds `1 / tp.size` of the heads and KV heads.
+    """
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        ranks = _tp_size(tp)
+        self.num_heads, self.num_kv_heads = spec.num_heads // ranks, spec.num_kv_heads // ranks
+        self.head_dim = spec.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        full_qkv = (spec.num_heads + 2 * spec.num_kv_heads) * self.head_dim
+        self.qkv_proj = parallel.column_linear(spec.hidden_size, full_qkv, spec.qkv_bias, tp)
+        self.o_proj = parallel.row_linear(spec.num_heads * self.head_dim, spec.hidden_size,
+                                          spec.o_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
 
@@ -76,11 +89,13 @@ def _paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float)
 class MLP(nn.Module):
     """SiLU-gated MLP with merged gate/up projection."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.intermediate = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * self.intermediate, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(self.intermediate, spec.hidden_size, bias=spec.mlp_bias)
+        self.intermediate = spec.intermediate_size // _tp_size(tp)  # this rank's part
+        self.gate_up_proj = parallel.column_linear(spec.hidden_size, 2 * spec.intermediate_size,
+                                                   spec.mlp_bias, tp)
+        self.down_proj = parallel.row_linear(spec.intermediate_size, spec.hidden_size,
+                                             spec.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -95,12 +110,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
+        self.self_attn = Attention(spec, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, tp)
 
     def forward(self, rope, hidden, residual, meta, kv_cache):
         """Pre-norm layer; the residual add is fused into the next norm: (output, residual)."""
@@ -111,11 +126,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(spec.hf_config, spec.head_dim, spec.max_position_embeddings)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.embed_tokens = parallel.embedding(spec.vocab_size, spec.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(spec, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta, kv_caches):
@@ -131,7 +146,11 @@ _CPU_VOCAB_SLICE = 2048
 
 
 class LlamaForCausalLM(nn.Module):
-    """The whole causal LM: `forward` gives final hidden states, `compute_logits` float32 logits."""
+    """The whole causal LM: `forward` gives final hidden states, `compute_logits` float32 logits.
+
+    With `tp` (a tensor-parallel group of more than one rank) it holds this rank's shard of
+    every large weight; `compute_logits` then gathers the whole vocabulary on every rank.
+    """
 
     # checkpoint name -> (our merged parameter, shard id)
     packed_modules = {
@@ -142,11 +161,11 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.spec = spec
-        self.model = LlamaModel(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.spec, self.tp = spec, tp
+        self.model = LlamaModel(spec, tp)
+        self.lm_head = parallel.lm_head(spec.vocab_size, spec.hidden_size, tp)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -158,9 +177,15 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._local_logits(hidden)
+        if self.tp is not None:  # a collective: every rank must call it for the same step
+            logits = self.lm_head.gather(logits)
+        return logits.float()
+
+    def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.is_cuda:
-            return self.lm_head(hidden).float()
+            return self.lm_head(hidden)
         # A CPU matmul against the whole vocabulary at once falls out of cache; slices of the
         # vocabulary give the same values (each logit is still one dot product) ~30% faster.
         slices = self.lm_head.weight.split(_CPU_VOCAB_SLICE)
-        return torch.cat([F.linear(hidden, w) for w in slices], dim=-1).float()
+        return torch.cat([F.linear(hidden, w) for w in slices], dim=-1)

@@ -1,4 +1,8 @@
-"""Build a model from a Hugging Face directory and stream its safetensors weights into it."""
+"""Build a model from a Hugging Face directory and stream its safetensors weights into it.
+
+Under tensor parallelism each rank reads only its slice of every split tensor (safetensors
+reads a slice without loading the rest).
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,29 @@ from tqdm.auto import tqdm
 
 from pagedserve.replicas.models.llama import LlamaForCausalLM
 from pagedserve.replicas.models.spec import ModelSpec
+from pagedserve.replicas.parallel.layers import TensorParallel, split_dims, vocab_shard_size
 
 
 def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               progress: bool = True,
+               progress: bool = True, tp: TensorParallel | None = None,
                tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> LlamaForCausalLM:
     """Create the model without initialising weights, then fill every parameter.
 
     The weights come from `tensors` (checkpoint names and tensors, e.g. from the object store)
-    when given, else from the directory's safetensors files.
+    when given, else from the directory's safetensors files. With `tp`, only this rank's shard
+    of each split weight is built and copied.
     """
-    if tensors is None:
-        tensors = read_safetensors(safetensors_files(model_dir), progress)
+    if tensors is not None:
+        stored = ((name, TensorSlices(tensor)) for name, tensor in tensors)
+    else:
+        stored = read_safetensor_slices(safetensors_files(model_dir), progress)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec)
+        model = LlamaForCausalLM(spec, tp)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
+    _zero_vocab_padding(model)
     model.model.rotary.build(device)
-    _load_weights(model, tensors)
+    _load_weights(model, stored)
     return model.eval()
 
 
@@ -46,18 +55,39 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 def read_safetensors(files: list[Path], progress: bool = False
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint files, one at a time, as `(name, tensor)`."""
+    for name, stored in read_safetensor_slices(files, progress):
+        yield name, stored[:]
+
+
+def read_safetensor_slices(files: list[Path], progress: bool = False) -> Iterator[tuple[str, object]]:
+    """Every tensor of the checkpoint files as `(name, slice handle)`: nothing is read until
+    the handle is indexed, so a tensor-parallel rank reads only its part."""
     for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
-def _load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+class TensorSlices:
+    """A tensor in memory behind the interface of a safetensors slice handle."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.tensor[index]
+
+
+def _load_weights(model: LlamaForCausalLM, stored: Iterable[tuple[str, object]]) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
+    dims = split_dims(model)
     expected = _expected_checkpoint_names(model, params)
     loaded: set[str] = set()
-    for name, tensor in tensors:
-        if _load_one(model, params, name, tensor):
+    for name, handle in stored:
+        if _load_one(model, params, dims, name, handle):
             loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:
@@ -65,37 +95,70 @@ def _load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Te
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {shown}")
 
 
-def _load_one(model: LlamaForCausalLM, params: dict, name: str, tensor: torch.Tensor) -> bool:
+def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stored) -> bool:
+    """Copy one checkpoint tensor (a safetensors slice handle) into its parameter, or skip it."""
     if "rotary_emb" in name or (name == "lm_head.weight" and model.spec.tie_word_embeddings):
         return False
+    rank, ranks = (0, 1) if model.tp is None else (model.tp.rank, model.tp.size)
     for ckpt_part, (our_part, shard) in model.packed_modules.items():
         if f".{ckpt_part}." in name:
             target = params[name.replace(ckpt_part, our_part)]
-            view = _shard_view(model, target, our_part, shard)
-            _check_shape(name, view, tensor)
-            view.copy_(tensor)
+            view = _shard_view(model, target, our_part, shard, ranks)
+            full = stored.get_shape()
+            _check_shape(name, view, [full[0] // ranks, *full[1:]])
+            size = view.shape[0]  # this rank's rows of q, k, v, gate or up
+            view.copy_(stored[rank * size: (rank + 1) * size])
             return True
     if name not in params:
         return False  # extra tensors (e.g. unused buffers) are ignored
-    _check_shape(name, params[name], tensor)
-    params[name].data.copy_(tensor)
+    param = params[name]
+    dim = dims.get(name)
+    if dim is None:
+        _check_shape(name, param, stored.get_shape())
+        param.data.copy_(stored[:])
+    else:
+        _load_split(name, param, stored, dim, rank, ranks)
     return True
 
 
-def _shard_view(model, target: torch.Tensor, merged: str, shard) -> torch.Tensor:
+def _load_split(name: str, param: torch.Tensor, stored, dim: int, rank: int, ranks: int) -> None:
+    """Read this rank's slice along `dim`; a padded last vocabulary shard keeps zeros past the end."""
+    full = list(stored.get_shape())
+    shard = param.shape[dim]
+    others_match = full[:dim] + full[dim + 1:] == list(param.shape[:dim] + param.shape[dim + 1:])
+    if not others_match or vocab_shard_size(full[dim], ranks) != shard:
+        whole = list(param.shape)
+        whole[dim] = f"{shard}x{ranks}"
+        raise ValueError(f"weight {name} has shape {tuple(full)}, the config expects "
+                         f"{tuple(whole)} (split along dimension {dim} over {ranks} ranks)")
+    start, stop = min(rank * shard, full[dim]), min((rank + 1) * shard, full[dim])
+    part = stored[start:stop] if dim == 0 else stored[:, start:stop]
+    param.data.narrow(dim, 0, stop - start).copy_(part)
+
+
+def _zero_vocab_padding(model: LlamaForCausalLM) -> None:
+    """Rows past the vocabulary (a padded last shard) are never loaded; make them zeros."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in split_dims(model):
+        params[name].data.zero_()
+
+
+def _shard_view(model, target: torch.Tensor, merged: str, shard, ranks: int) -> torch.Tensor:
+    """Where checkpoint part `shard` of merged parameter `merged` sits in this rank's rows."""
     spec = model.spec
     if merged == "gate_up_proj":
-        size = spec.intermediate_size
+        size = spec.intermediate_size // ranks
         return target.data.narrow(0, shard * size, size)
-    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    q_size = spec.num_heads * spec.head_dim // ranks
+    kv_size = spec.num_kv_heads * spec.head_dim // ranks
     offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard]
     return target.data.narrow(0, offset, size)
 
 
-def _check_shape(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
-    if param.shape != tensor.shape:
+def _check_shape(name: str, param: torch.Tensor, shape) -> None:
+    if tuple(param.shape) != tuple(shape):
         raise ValueError(
-            f"weight {name} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
+            f"weight {name} has shape {tuple(shape)}, the config expects {tuple(param.shape)}"
         )
 
 

@@ -1,0 +1,53 @@
+"""Joining a replica's tensor-parallel process group (torch.distributed; no Ray here).
+
+Every replica has its own group with its own rendezvous address: rank 0's host picks a free
+port when the replica starts, so two tensor-parallel replicas on one node never collide.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from pagedserve.replicas.parallel.layers import TensorParallel
+
+# How long ranks wait for each other at the rendezvous and in a collective. A large model's
+# first load (conversion, profiling, graph capture) happens between collectives.
+GROUP_TIMEOUT_S = float(os.environ.get("PAGEDSERVE_TP_TIMEOUT_S", 1800))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, chosen by the OS."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_address(host: str = "127.0.0.1") -> str:
+    """A fresh `tcp://host:port` for one replica's group."""
+    return f"tcp://{host}:{free_port(host)}"
+
+
+def join_group(init_method: str, rank: int, size: int, device: torch.device) -> TensorParallel:
+    """Join the group (NCCL on GPU, gloo on CPU) as `rank` of `size`; blocks until all joined."""
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=timeout)
+    # Step control travels host to host (gloo) even on GPUs: a follower then gets the next
+    # step's inputs while the GPU still runs this one, instead of after its NCCL stream drains.
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    return TensorParallel(rank, size, device, control)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,173 @@
+"""Tensor-parallel building blocks (Megatron style): each rank holds a slice of every large weight.
+
+- Column-parallel linear: the weight's output rows are split; each rank computes its own output
+  columns (its attention heads, its part of the MLP's intermediate size) and needs no exchange.
+- Row-parallel linear: the weight's input columns are split; each rank's partial product is
+  summed across ranks with one all-reduce, then the (replicated) bias is added once.
+- Vocab-parallel embedding and LM head: the vocabulary is split; an embedding row is looked up
+  on the one rank that holds it (zeros elsewhere, then an all-reduce), and the LM head's logits
+  are gathered from every rank.
+
+Each parallel module names the dimension each of its split parameters is split along
+(`split_dims`), so the loader reads only this rank's slice of the checkpoint tensor. No Ray
+here: the group is a plain torch.distributed process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in a tensor-parallel group: `rank` of `size` ranks on `device`.
+
+    `control_group` carries host-side control messages (gloo); None means the default group
+    (already gloo on CPU).
+    """
+
+    rank: int
+    size: int
+    device: torch.device
+    control_group: object | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `x` along its last dimension (the same result on all ranks)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def min_int(self, value: int) -> int:
+        """The smallest `value` over the ranks (they must agree on sizes such as the KV cache)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+
+def check_tensor_parallel(num_heads: int, num_kv_heads: int, intermediate_size: int,
+                          tp_size: int) -> None:
+    """Raise ValueError unless the attention heads, KV heads and MLP width split evenly."""
+    if tp_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp_size}")
+    if num_heads % tp_size or num_kv_heads % tp_size:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must divide the model's num_attention_heads "
+            f"({num_heads}) and num_key_value_heads ({num_kv_heads}); "
+            f"sizes that do: {_divisors(num_heads, num_kv_heads)}"
+        )
+    if intermediate_size % tp_size:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} must divide the model's intermediate_size "
+            f"({intermediate_size})"
+        )
+
+
+def _divisors(*numbers: int) -> list[int]:
+    return [d for d in range(1, min(numbers) + 1) if all(n % d == 0 for n in numbers)]
+
+
+def split_dims(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> the dimension it is split along across ranks (absent: replicated)."""
+    dims = {}
+    for prefix, module in model.named_modules():
+        for name, dim in getattr(module, "split_dims", {}).items():
+            if getattr(module, name, None) is not None:
+                dims[f"{prefix}.{name}" if prefix else name] = dim
+    return dims
+
+
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer holding `out_features // tp.size` output rows: this rank's columns of y."""
+
+    split_dims = {"weight": 0, "bias": 0}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(in_features, out_features // tp.size, bias=bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer holding `in_features // tp.size` input columns; outputs are summed over ranks."""
+
+    split_dims = {"weight": 1}  # the bias is whole on every rank and added after the sum
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(in_features // tp.size, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+def vocab_shard_size(vocab_size: int, tp_size: int) -> int:
+    """Rows of the vocabulary per rank; the last rank's shard is padded when it does not divide."""
+    return -(-vocab_size // tp_size)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split across ranks."""
+
+    split_dims = {"weight": 0}
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.shard = vocab_shard_size(vocab_size, tp.size)
+        self.start = tp.rank * self.shard
+        self.weight = nn.Parameter(torch.empty(self.shard, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.shard)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(nn.Linear):
+    """The LM head's vocabulary rows of this rank; `gather` joins the ranks' logits."""
+
+    split_dims = {"weight": 0}
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        super().__init__(hidden_size, vocab_shard_size(vocab_size, tp.size), bias=False)
+        self.tp, self.vocab_size = tp, vocab_size
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        return self.tp.gather_last_dim(local_logits)[:, : self.vocab_size]
+
+
+def column_linear(in_features: int, out_features: int, bias: bool,
+                  tp: TensorParallel | None) -> nn.Linear:
+    """`nn.Linear` on one device, a column-parallel one under tensor parallelism."""
+    if tp is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return ColumnParallelLinear(in_features, out_features, bias, tp)
+
+
+def row_linear(in_features: int, out_features: int, bias: bool,
+               tp: TensorParallel | None) -> nn.Linear:
+    """`nn.Linear` on one device, a row-parallel one (with its all-reduce) under tensor parallelism."""
+    if tp is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallelLinear(in_features, out_features, bias, tp)
+
+
+def embedding(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> nn.Module:
+    if tp is None:
+        return nn.Embedding(vocab_size, hidden_size)
+    return VocabParallelEmbedding(vocab_size, hidden_size, tp)
+
+
+def lm_head(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> nn.Linear:
+    if tp is None:
+        return nn.Linear(hidden_size, vocab_size, bias=False)
+    return ParallelLMHead(vocab_size, hidden_size, tp)

@@ -1,0 +1,65 @@
+"""TP=2 (NCCL, two GPUs) against TP=1 greedy on a random-weight Llama of Llama-3.1-8B's shape.
+
+    PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py
+
+float32 must agree token for token (the all-reduce only reorders float32 sums). bfloat16
+rounds each partial sum, so a near-tie among 128K random logits can flip: tokens may part
+late; the check is the one the bfloat16 CPU test against transformers uses.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from benchmarks import random_model
+from pagedserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+LENGTHS = [1, 7, 40, 130]
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def model_8b(tmp_path_factory):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    out = tmp_path_factory.mktemp("random-8b")
+    return random_model.write_random_llama(out, "8b", torch.bfloat16, device="cuda", seed=0)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(10, random_model.VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _greedy(model_dir, dtype: str, tp: int) -> list[list[int]]:
+    llm = LLM(str(model_dir), dtype=dtype, device="cuda", tensor_parallel_size=tp,
+              progress=False, max_model_len=1024, gpu_memory_utilization=0.8)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+def test_tp2_equals_tp1_float32(model_8b):
+    assert _greedy(model_8b, "float32", 2) == _greedy(model_8b, "float32", 1)
+
+
+def test_tp2_tracks_tp1_bfloat16(model_8b):
+    single, split = _greedy(model_8b, "bfloat16", 1), _greedy(model_8b, "bfloat16", 2)
+    agreed = [_agreement(a, b) for a, b in zip(single, split, strict=True)]
+    print("bfloat16 tokens agreeing before the first difference:", agreed)
+    assert min(agreed) >= 1
+    assert sum(agreed) >= 0.75 * MAX_TOKENS * len(LENGTHS)

@@ -1,7 +1,8 @@
 """A real local Ray cluster serving the default model, started the way users start it.
 
 `serve run ray_configs/local.yaml` runs in a subprocess (it owns the Ray cluster); the test
-process then joins that cluster as a second driver for handle calls and stats.
+process then joins that cluster as a second driver for handle calls and stats. Both last for
+this package only: the modules after it start clusters of their own in this process.
 """
 
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ray_clusters import leave_ray_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://127.0.0.1:8000"
@@ -35,7 +37,7 @@ def _wait_ready(proc: subprocess.Popen, log_path: Path) -> None:
     pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tmp_path_factory) -> str:
     """`serve run ray_configs/local.yaml`, ready; yields the base URL."""
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
@@ -62,7 +64,7 @@ def _stop(proc: subprocess.Popen) -> None:
                    capture_output=True, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_driver(server):
     """This test process joined to the server's Ray cluster (for handles and stats)."""
     import ray
@@ -70,7 +72,7 @@ def ray_driver(server):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(address="auto", logging_level="warning", log_to_driver=False)
     yield ray
-    ray.shutdown()
+    leave_ray_cluster()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
+from ray_clusters import own_ray_cluster
 from test_hf_equivalence import random_prompts
 from tiny_models import TINY_VOCAB
 
@@ -22,9 +23,8 @@ MODEL = "llama-mha-untied-rope-llama3"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
-    yield
-    ray.shutdown()
+    with own_ray_cluster(num_cpus=4):
+        yield
 
 
 def _engine_greedy(engine: LLMEngine, prompts, max_tokens: int) -> list[list[int]]:

@@ -12,6 +12,7 @@ import time
 import pytest
 import ray
 from ray import serve
+from ray_clusters import own_ray_cluster
 
 from pagedserve.cluster.app import build_app
 
@@ -26,15 +27,13 @@ SHORT = {"model": "tiny", "prompt": "w9 w10", "max_tokens": 4, "temperature": 0}
 @pytest.fixture(scope="module")
 def tp_app(tiny_model_factory):
     model_dir = str(tiny_model_factory("llama-gqa-tied"))
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="warning")
-    serve.start(proxy_location="Disabled")
     args = {"engine": {"model": model_dir, "device": "cpu", "tensor_parallel_size": 2,
                        "num_kvcache_blocks": 128, "max_num_seqs": 8},
             "served_model_name": "tiny", "replica_num_cpus": 1, "torch_threads": 1}
-    handle = serve.run(build_app(args), name=APP, route_prefix=None)
-    yield handle, serve.get_deployment_handle("Replica", app_name=APP)
-    serve.shutdown()
-    ray.shutdown()
+    with own_ray_cluster(num_cpus=6):
+        serve.start(proxy_location="Disabled")
+        handle = serve.run(build_app(args), name=APP, route_prefix=None)
+        yield handle, serve.get_deployment_handle("Replica", app_name=APP)
 
 
 async def _consume(handle, started: asyncio.Event) -> int:

@@ -16,6 +16,7 @@ import pytest
 import ray
 from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray_clusters import own_ray_cluster
 
 from pagedserve.cluster.app import APP_NAME, build_app
 from pagedserve.sampling_params import SamplingParams
@@ -47,15 +48,11 @@ def _args(model) -> dict:
 
 @pytest.fixture(scope="module")
 def app(tiny_model_factory):
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
-    try:
+    with own_ray_cluster(num_cpus=4):
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         serve.run(build_app(_args(tiny_model_factory("llama-gqa-tied"))), name=APP_NAME,
                   route_prefix="/")
         yield serve.get_app_handle(APP_NAME)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def replica_states() -> list[tuple[str, str, float]]:

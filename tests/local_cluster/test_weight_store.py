@@ -12,6 +12,7 @@ import shutil
 import pytest
 import ray
 import torch
+from ray_clusters import own_ray_cluster
 from safetensors.torch import load_file, save_file
 
 from pagedserve.autoscale.startup import start_engine
@@ -50,9 +51,8 @@ def bf16_model(tiny_model_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
-    yield
-    ray.shutdown()
+    with own_ray_cluster(num_cpus=4):
+        yield
 
 
 def _config(model) -> ClusterConfig:

@@ -1,0 +1,1 @@
+"""Modules that start a Ray cluster of their own (after the served cluster of tests/integration)."""

@@ -1,0 +1,41 @@
+"""Ray clusters a test module owns, and leaving a cluster cleanly, so one pytest process can
+be the driver of several clusters in turn (the served cluster, then the modules' own ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import ray
+
+
+@contextlib.contextmanager
+def own_ray_cluster(num_cpus: int) -> Iterator[None]:
+    """A fresh local Ray cluster for the caller alone; Serve and Ray are shut down after."""
+    if ray.is_initialized():
+        raise RuntimeError("this process is still the driver of another Ray cluster; a module "
+                           "that owns its cluster must not run while the served one is joined")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        leave_ray_cluster()
+
+
+def leave_ray_cluster() -> None:
+    """Disconnect this driver and drop Serve's cache of long-poll clients with the cluster.
+
+    Serve keeps routing state in the process after `ray.shutdown()` (its router event-loop
+    thread, one long-poll client per controller). With the autoscaling module's own cluster
+    first and the served cluster joined after it, every later handle call waited forever, so
+    the suite joins the served cluster first (tests/integration) and starts its own clusters
+    after it (tests/local_cluster, and a few unit modules).
+    """
+    from ray.serve._private.router import SharedRouterLongPollClient
+
+    ray.shutdown()
+    SharedRouterLongPollClient.get_or_create.cache_clear()

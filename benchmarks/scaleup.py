@@ -55,15 +55,17 @@ class NewReplica:
     """A replica started on demand; `run` returns its phases up to the first served token."""
 
     async def run(self, config: dict, directory, decided_at: float) -> dict:
-        actor_start = time.time() - decided_at  # process start plus this module's imports
-        from pagedserve.autoscale.startup import start_engine
-        from pagedserve.config import ClusterConfig
+        actor_start = time.time() - decided_at  # the actor's process, up to this call
         from pagedserve.replicas.engine.startup_phases import PhaseTimer
-        from pagedserve.sampling_params import SamplingParams
 
         timer = PhaseTimer()
         timer.add("actor_start", actor_start)
-        with timer.phase("replica_imports"):
+        with timer.phase("replica_imports"):  # what a Serve replica imports before it starts
+            from pagedserve.autoscale.startup import start_engine
+            from pagedserve.config import ClusterConfig
+            from pagedserve.replicas import deployment  # noqa: F401
+            from pagedserve.sampling_params import SamplingParams
+
             cluster = ClusterConfig(**config)
         engine, source = await start_engine(cluster, directory, timer)
         try:

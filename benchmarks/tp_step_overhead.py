@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.replicas.engine.step_inputs import HostInputs, upload
-from pagedserve.replicas.parallel.group import join_group, leave_group, rendezvous_address
+from pagedserve.replicas.parallel.group import join_group, leave_group
+from pagedserve.replicas.parallel.rendezvous import rendezvous_address
 from pagedserve.replicas.parallel.step_channel import StepBroadcaster, StepReceiver
 
 

@@ -27,7 +27,7 @@ from pagedserve.autoscale import serve_policy as sp
 from pagedserve.autoscale.startup import report_startup, start_engine
 from pagedserve.config import ClusterConfig
 from pagedserve.outputs import RequestOutput
-from pagedserve.replicas.engine.llm_engine import EngineStats
+from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.replicas.parallel.workers import RankWorkers
 from pagedserve.sampling_params import SamplingParams

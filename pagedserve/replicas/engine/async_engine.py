@@ -8,7 +8,8 @@ import threading
 
 from pagedserve.config import EngineConfig
 from pagedserve.replicas.engine.engine_front import EngineDeadError, EngineFront, settle
-from pagedserve.replicas.engine.llm_engine import EngineStats, LLMEngine
+from pagedserve.replicas.engine.engine_stats import EngineStats
+from pagedserve.replicas.engine.llm_engine import LLMEngine
 
 __all__ = ["AsyncEngine", "EngineDeadError"]
 

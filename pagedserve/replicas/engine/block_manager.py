@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-from pagedserve.replicas.engine.sequence import Sequence
+if TYPE_CHECKING:  # the router imports the hashing here and must not load torch
+    from pagedserve.replicas.engine.sequence import Sequence
 
 
 def block_hash(parent_hash: int | None, tokens: list[int]) -> int:

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.replicas.engine.llm_engine import EngineStats
+from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.sampling_params import SamplingParams
 
 

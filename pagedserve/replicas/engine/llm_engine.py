@@ -12,6 +12,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import BlockManager
+from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.replicas.engine.model_runner import ModelRunner
 from pagedserve.replicas.engine.request import Request
 from pagedserve.replicas.engine.sampler import PendingSample, SampleResult
@@ -42,18 +43,6 @@ class _InFlight:
 def _needs_history(seq) -> bool:
     p = seq.params
     return p.n > 1 or p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-
-
-@dataclass
-class EngineStats:
-    """A snapshot for routers, autoscalers and metrics."""
-
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    prefix_cache_hit_rate: float
-    num_preemptions: int
 
 
 class LLMEngine:

@@ -17,7 +17,7 @@ import time
 from pagedserve.config import EngineConfig
 from pagedserve.replicas.engine.engine_core import run_engine_core
 from pagedserve.replicas.engine.engine_front import EngineDeadError, EngineFront, settle
-from pagedserve.replicas.engine.llm_engine import EngineStats
+from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.replicas.engine.wire import decode_output
 
 START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles

@@ -3,7 +3,8 @@
 The engine runs in a child process that is not a Ray worker, so it cannot read the object store
 itself. The replica reads the store's arrays zero-copy and writes them once into a file in
 `/dev/shm`; the engine maps that file and copies each tensor to its device (one host-to-device
-copy per tensor). bfloat16 travels as uint16 bits (numpy has no bfloat16).
+copy per tensor). bfloat16 travels as uint16 bits (numpy has no bfloat16). torch is imported
+only where tensors are made or read: the replica's own process packs numpy arrays alone.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SHM_DIR = "/dev/shm"
 _ALIGN = 64  # keep every tensor's start aligned for vectorised copies
-
-BITS_DTYPES = {"bfloat16": (torch.bfloat16, np.uint16)}  # torch dtypes numpy cannot hold
-
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -47,6 +48,8 @@ class SharedWeights:
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor as a zero-copy view of the mapped file, in checkpoint order."""
+        import torch
+
         size = os.path.getsize(self.path)
         if size == 0:
             return
@@ -64,7 +67,9 @@ class SharedWeights:
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor as numpy (bfloat16 as its uint16 bits)."""
-    if tensor.dtype in (dt for dt, _ in BITS_DTYPES.values()):
+    import torch
+
+    if tensor.dtype == torch.bfloat16:  # numpy cannot hold it
         return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
     return tensor.contiguous().numpy()
 

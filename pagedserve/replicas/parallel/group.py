@@ -1,14 +1,12 @@
 """Joining a replica's tensor-parallel process group (torch.distributed; no Ray here).
 
-Every replica has its own group with its own rendezvous address: rank 0's host picks a free
-port when the replica starts, so two tensor-parallel replicas on one node never collide.
+The group's address comes from `rendezvous.rendezvous_address`, one per replica.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -18,18 +16,6 @@ from pagedserve.replicas.parallel.layers import TensorParallel
 # How long ranks wait for each other at the rendezvous and in a collective. A large model's
 # first load (conversion, profiling, graph capture) happens between collectives.
 GROUP_TIMEOUT_S = float(os.environ.get("PAGEDSERVE_TP_TIMEOUT_S", 1800))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now, chosen by the OS."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def rendezvous_address(host: str = "127.0.0.1") -> str:
-    """A fresh `tcp://host:port` for one replica's group."""
-    return f"tcp://{host}:{free_port(host)}"
 
 
 def join_group(init_method: str, rank: int, size: int, device: torch.device) -> TensorParallel:

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
-from pagedserve.replicas.parallel.group import join_group, leave_group, rendezvous_address
+from pagedserve.replicas.parallel.group import join_group, leave_group
 from pagedserve.replicas.parallel.layers import TensorParallel, check_tensor_parallel
+from pagedserve.replicas.parallel.rendezvous import rendezvous_address
 
 
 def run_rank(config: dict, rank: int, init_method: str, device: str | None = None,

@@ -16,8 +16,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedserve.config import ClusterConfig
-from pagedserve.replicas.parallel.group import rendezvous_address
-from pagedserve.replicas.parallel.ranks import run_rank
+from pagedserve.replicas.parallel.rendezvous import rendezvous_address
 
 
 def placement_bundles(config: ClusterConfig) -> list[dict[str, float]] | None:
@@ -37,6 +36,8 @@ class RankWorker:
 
     def run(self, engine_config: dict, rank: int, init_method: str,
             torch_threads: int | None) -> None:
+        from pagedserve.replicas.parallel.ranks import run_rank  # torch: the rank's process only
+
         run_rank(engine_config, rank, init_method, None, torch_threads)
 
     def ping(self) -> str:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 SHM_DIR = "/dev/shm"
 _ALIGN = 64  # keep every tensor's start aligned for vectorised copies
 
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str

@@ -8,7 +8,6 @@ Serve removes must complete, and requests sent through the app meanwhile must su
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 
@@ -19,17 +18,12 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray_clusters import own_ray_cluster
 
 from pagedserve.cluster.app import APP_NAME, build_app
+from pagedserve.replicas.parallel.rendezvous import free_port
 from pagedserve.sampling_params import SamplingParams
 
 SCALE_UP_TIMEOUT_S = 180
 SCALE_DOWN_TIMEOUT_S = 120
 LONG_TOKENS = 400
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(model) -> dict:
@@ -49,7 +43,7 @@ def _args(model) -> dict:
 @pytest.fixture(scope="module")
 def app(tiny_model_factory):
     with own_ray_cluster(num_cpus=4):
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         serve.run(build_app(_args(tiny_model_factory("llama-gqa-tied"))), name=APP_NAME,
                   route_prefix="/")
         yield serve.get_app_handle(APP_NAME)

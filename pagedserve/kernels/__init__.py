@@ -3,10 +3,12 @@
 Every function here has a torch reference in `attention_ref`; the engine calls these names and
 never the implementations directly, so faster versions slot in behind the same signatures.
 CUDA tensors go to the Triton kernels (`triton_store_kv`, `triton_decode`, `triton_prefill`),
-everything else to the references, and so do attention calls whose head_dim or block size the
-kernels do not support (`triton_checks.supports_attention`: a shape test, no device sync). `PAGEDSERVE_ATTENTION=torch` forces the references on CUDA
-too (to compare, or to rule the kernels out). Imports only torch (and triton, lazily: the CPU
-engine never pays for importing it).
+except attention calls whose head_dim or block size they do not support
+(`triton_checks.supports_attention`: a shape test, no device sync). On a CPU, float32 decode
+attention goes to a C kernel (`cpu_attention`, compiled on first use) when it can be built;
+everything else goes to the references. `PAGEDSERVE_ATTENTION=torch` forces the references
+everywhere (to compare, or to rule the kernels out). Imports only torch (and triton, lazily: the
+CPU engine never pays for importing it).
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ from types import ModuleType
 
 import torch
 
-from pagedserve.kernels import attention_ref
+from pagedserve.kernels import attention_ref, cpu_attention
 from pagedserve.kernels.triton_checks import supports_attention
 
 _BACKENDS = ("", "auto", "triton", "torch")
 _triton_modules: dict[str, ModuleType] = {}
 
 
-def _use_triton(tensor: torch.Tensor) -> bool:
+def _references_forced() -> bool:
     choice = os.environ.get("PAGEDSERVE_ATTENTION", "").lower()
     if choice not in _BACKENDS:
         raise ValueError(f"PAGEDSERVE_ATTENTION must be one of {_BACKENDS[1:]}, got {choice!r}")
-    return tensor.is_cuda and choice != "torch"
+    return choice == "torch"
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return not _references_forced() and tensor.is_cuda
+
+
+def _use_cpu_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return (not _references_forced() and not query.is_cuda
+            and cpu_attention.supports(query, k_cache, v_cache) and cpu_attention.available())
 
 
 def _triton(name: str) -> ModuleType:
@@ -46,8 +57,12 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale):
     """One query per sequence over its paged context; see `attention_ref.paged_decode_attention`."""
-    use = _use_triton(query) and supports_attention(k_cache)
-    impl = _triton("triton_decode") if use else attention_ref
+    if _use_cpu_decode(query, k_cache, v_cache):
+        impl = cpu_attention
+    elif _use_triton(query) and supports_attention(k_cache):
+        impl = _triton("triton_decode")
+    else:
+        impl = attention_ref
     return impl.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
 
 

@@ -299,9 +299,13 @@ def test_prefill_rejects_unsupported_arguments(mode):
 
 
 def test_cpu_tensors_use_the_reference(monkeypatch):
+    """16-bit CPU attention goes to the reference (float32 goes to the C kernel when it builds:
+    test_kernels_cpu.py), never to Triton."""
     calls = []
     monkeypatch.setattr(ref, "paged_decode_attention", lambda *a: calls.append(a) or "ref")
-    assert kernels.paged_decode_attention(torch.zeros(1, 2, 64), None, None, None, None, 1) == "ref"
+    query, cache = torch.zeros(1, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 16, 1, 64,
+                                                                             dtype=torch.bfloat16)
+    assert kernels.paged_decode_attention(query, cache, cache, None, None, 1) == "ref"
     assert calls
 
 

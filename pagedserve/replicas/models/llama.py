@@ -91,9 +91,8 @@ class MLP(nn.Module):
 
     def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.intermediate = spec.intermediate_size // _tp_size(tp)  # this rank's part
         self.gate_up_proj = parallel.column_linear(spec.hidden_size, 2 * spec.intermediate_size,
-                                                   spec.mlp_bias, tp)
+                                                   spec.mlp_bias, tp, pieces=2)
         self.down_proj = parallel.row_linear(spec.intermediate_size, spec.hidden_size,
                                              spec.mlp_bias, tp)
 
@@ -102,11 +101,8 @@ class MLP(nn.Module):
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         # On a CPU two matmuls over the weight's halves beat one: SiLU and the product then run
         # on contiguous tensors, several times faster than on the strided halves of one output.
-        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
-        gate_w, up_w = weight.split(self.intermediate)
-        gate_b, up_b = bias.split(self.intermediate) if bias is not None else (None, None)
-        gate = F.silu(F.linear(x, gate_w, gate_b), inplace=True)
-        return self.down_proj(gate.mul_(F.linear(x, up_w, up_b)))
+        gate, up = self.gate_up_proj.forward_pieces(x)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -183,9 +179,9 @@ class LlamaForCausalLM(nn.Module):
         return logits.float()
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.is_cuda:
+        if hidden.is_cuda or self.lm_head.packed is not None:
             return self.lm_head(hidden)
-        # A CPU matmul against the whole vocabulary at once falls out of cache; slices of the
-        # vocabulary give the same values (each logit is still one dot product) ~30% faster.
+        # Unpacked, a CPU matmul against the whole vocabulary at once falls out of cache; slices
+        # of the vocabulary give the same values (each logit is still one dot product) ~30% faster.
         slices = self.lm_head.weight.split(_CPU_VOCAB_SLICE)
         return torch.cat([F.linear(hidden, w) for w in slices], dim=-1)

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from pagedserve.replicas.models import cpu_linear
 from pagedserve.replicas.models.llama import LlamaForCausalLM
 from pagedserve.replicas.models.spec import ModelSpec
 from pagedserve.replicas.parallel.layers import TensorParallel, split_dims, vocab_shard_size
@@ -25,7 +26,8 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
 
     The weights come from `tensors` (checkpoint names and tensors, e.g. from the object store)
     when given, else from the directory's safetensors files. With `tp`, only this rank's shard
-    of each split weight is built and copied.
+    of each split weight is built and copied. A float32 model on a CPU gets its linear layers'
+    weights packed for oneDNN (`cpu_linear`).
     """
     if tensors is not None:
         stored = ((name, TensorSlices(tensor)) for name, tensor in tensors)
@@ -38,6 +40,7 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
     _zero_vocab_padding(model)
     model.model.rotary.build(device)
     _load_weights(model, stored)
+    cpu_linear.pack_model(model)  # float32 on a CPU only
     return model.eval()
 
 

@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.replicas.models.cpu_linear import Linear
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -85,16 +87,17 @@ def split_dims(model: nn.Module) -> dict[str, int]:
     return dims
 
 
-class ColumnParallelLinear(nn.Linear):
+class ColumnParallelLinear(Linear):
     """A linear layer holding `out_features // tp.size` output rows: this rank's columns of y."""
 
     split_dims = {"weight": 0, "bias": 0}
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
-        super().__init__(in_features, out_features // tp.size, bias=bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
+                 pieces: int = 1) -> None:
+        super().__init__(in_features, out_features // tp.size, bias=bias, pieces=pieces)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """A linear layer holding `in_features // tp.size` input columns; outputs are summed over ranks."""
 
     split_dims = {"weight": 1}  # the bias is whole on every rank and added after the sum
@@ -104,7 +107,7 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self.product(x, None))
         return y + self.bias if self.bias is not None else y
 
 
@@ -132,7 +135,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
 
 
-class ParallelLMHead(nn.Linear):
+class ParallelLMHead(Linear):
     """The LM head's vocabulary rows of this rank; `gather` joins the ranks' logits."""
 
     split_dims = {"weight": 0}
@@ -146,18 +149,19 @@ class ParallelLMHead(nn.Linear):
 
 
 def column_linear(in_features: int, out_features: int, bias: bool,
-                  tp: TensorParallel | None) -> nn.Linear:
-    """`nn.Linear` on one device, a column-parallel one under tensor parallelism."""
+                  tp: TensorParallel | None, pieces: int = 1) -> Linear:
+    """A `Linear` on one device, a column-parallel one under tensor parallelism. `pieces`: equal
+    slices of the output (e.g. gate and up) that `Linear.forward_pieces` returns apart."""
     if tp is None:
-        return nn.Linear(in_features, out_features, bias=bias)
-    return ColumnParallelLinear(in_features, out_features, bias, tp)
+        return Linear(in_features, out_features, bias=bias, pieces=pieces)
+    return ColumnParallelLinear(in_features, out_features, bias, tp, pieces)
 
 
 def row_linear(in_features: int, out_features: int, bias: bool,
-               tp: TensorParallel | None) -> nn.Linear:
-    """`nn.Linear` on one device, a row-parallel one (with its all-reduce) under tensor parallelism."""
+               tp: TensorParallel | None) -> Linear:
+    """A `Linear` on one device, a row-parallel one (with its all-reduce) under tensor parallelism."""
     if tp is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
     return RowParallelLinear(in_features, out_features, bias, tp)
 
 
@@ -167,7 +171,7 @@ def embedding(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> n
     return VocabParallelEmbedding(vocab_size, hidden_size, tp)
 
 
-def lm_head(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> nn.Linear:
+def lm_head(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> Linear:
     if tp is None:
-        return nn.Linear(hidden_size, vocab_size, bias=False)
+        return Linear(hidden_size, vocab_size, bias=False)
     return ParallelLMHead(vocab_size, hidden_size, tp)

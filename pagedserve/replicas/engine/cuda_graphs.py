@@ -64,6 +64,16 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
+    def release(self) -> None:
+        """Free every graph. Must come before the tensor-parallel group is destroyed: NCCL
+        cannot tear down a communicator that captured graphs still use (it hangs)."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        torch.cuda.synchronize()
+
     def run(self, inputs: DeviceInputs, size: int) -> torch.Tensor:
         """Replay the graph of `size` rows on `inputs` (already padded to `size`)."""
         table = inputs.block_tables

@@ -121,6 +121,7 @@ class LLMEngine:
         runner = getattr(self, "runner", None)
         if runner is not None and runner.tp is not None:
             runner.stop_followers()
+            runner.release_graphs()
             self._leave_group(runner.tp)
             runner.tp = None
 

@@ -114,6 +114,12 @@ class ModelRunner:
             self.broadcaster.stop()
             self.broadcaster = None
 
+    def release_graphs(self) -> None:
+        """Free the decode CUDA graphs (before leaving a tensor-parallel group); runs eagerly after."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def _forward(self, inputs: step_inputs.DeviceInputs, num_seqs: int,
                  graph_size: int | None) -> torch.Tensor | None:
         """The step's logits at its sampling rows (None if no sequence samples)."""

@@ -41,10 +41,13 @@ def run_rank(config: dict, rank: int, init_method: str, device: str | None = Non
     dtype = resolve_dtype(engine_config.dtype, target)
     torch.manual_seed(engine_config.seed)
     tp = join_group(init_method, rank, size, target)
+    runner = None
     try:
         runner = ModelRunner(engine_config, spec, model_dir, tp.device, dtype, [], False, tp)
         runner.follow()
     finally:
+        if runner is not None:
+            runner.release_graphs()
         leave_group()
 
 

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/...)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     p.add_argument("--tensor-parallel-sizes", default="1",
-                   help="comma list: our engine is measured at each (e.g. 1,2)")
+                   help="comma list: our engine is measured at each (e.g. 1,2; '' for peers only)")
     p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
     args = p.parse_args(argv)
     args.tensor_parallel_sizes = [int(n) for n in args.tensor_parallel_sizes.split(",") if n]
@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU; this torch sees none")
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
-        return run(args, _model_dir(args, Path(tmp)))
+        return run(args, prepare_model_dir(args, Path(tmp)))
 
 
-def _model_dir(args: argparse.Namespace, tmp: Path) -> Path:
+def prepare_model_dir(args: argparse.Namespace, tmp: Path) -> Path:
     if args.model:
         model_dir = Path(args.model)
         return resolve_gguf(model_dir, progress=False) if model_dir.suffix == ".gguf" else model_dir
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     ours_rows = len(rows)
     for name in args.peers:
         rows.append(measure(name, lambda n=name: peer(n, args, model_dir), args, wl, warm))
-    for r in rows[1:]:
+    for r in rows[1:] if ours_rows else []:  # `--tensor-parallel-sizes ''`: peers only
         r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
     print(common.format_table([asdict(r) for r in rows], COLUMNS))
     for r in rows[1:ours_rows]:
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         if r.skipped:
             print(f"{r.name} skipped: {r.skipped}")
     peers = [r for r in rows[ours_rows:] if r.tokens_per_s]
-    if peers:
+    if peers and ours_rows:
         best = max(peers, key=lambda r: r.tokens_per_s)
         print(f"ours / fastest peer ({best.name}): {best.ratio:.2f}x")
     result = {

@@ -36,9 +36,18 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(10, random_model.VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def _greedy(model_dir, dtype: str, tp: int) -> list[list[int]]:
+@pytest.fixture(scope="module")
+def model_1b(tmp_path_factory):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    out = tmp_path_factory.mktemp("random-1b")
+    return random_model.write_random_llama(out, "1b", torch.bfloat16, device="cuda", seed=0)
+
+
+def _greedy(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list[list[int]]:
     llm = LLM(str(model_dir), dtype=dtype, device="cuda", tensor_parallel_size=tp,
-              progress=False, max_model_len=1024, gpu_memory_utilization=0.8)
+              progress=False, max_model_len=1024, gpu_memory_utilization=0.8,
+              enforce_eager=enforce_eager)
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         return [o.outputs[0].token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
@@ -51,6 +60,12 @@ def _greedy(model_dir, dtype: str, tp: int) -> list[list[int]]:
 
 def _agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+@pytest.mark.timeout(300)
+def test_tp2_with_decode_graphs_shuts_down_and_equals_eager_tp1(model_1b):
+    """Shutdown used to hang in destroy_process_group while captured graphs held NCCL work."""
+    assert _greedy(model_1b, "float32", 2) == _greedy(model_1b, "float32", 1, enforce_eager=True)
 
 
 def test_tp2_equals_tp1_float32(model_8b):

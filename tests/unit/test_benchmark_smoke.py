@@ -55,3 +55,26 @@ def test_benchmark_runs_against_both_peers(throughput, default_model_dir, tmp_pa
         assert (row["requests"], row["output_tokens"]) == (2, 8)
         assert row["tokens_per_s"] > 0 and row["peak_mem_mib"] > 0
         assert (row["ratio"] is None) == (name == "pagedserve")
+
+
+@pytest.mark.slow
+def test_peers_only_run_reports_no_ratio(throughput, default_model_dir, tmp_path):
+    result = throughput.main(["--model", str(default_model_dir), "--num-prompts", "2",
+                              "--output-len", "2", "--max-prompt-len", "16",
+                              "--tensor-parallel-sizes", "", "--peers", "hf-generate",
+                              "--out", str(tmp_path / "peers.json")])
+    (row,) = result["rows"]
+    assert row["name"] == "hf-generate" and row["tokens_per_s"] > 0 and row["ratio"] is None
+
+
+def test_step_times_reports_the_split(default_model_dir, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    step_times = importlib.import_module("benchmarks.step_times")
+    step_times.main(["--model", str(default_model_dir), "--num-prompts", "3", "--output-len", "3",
+                     "--max-prompt-len", "16"])
+    out = capsys.readouterr().out
+    assert "9 tokens in" in out
+    assert "steps with prefill: 1," in out and "decode-only steps: 2," in out
+    from pagedserve.replicas.engine.model_runner import ModelRunner
+
+    assert ModelRunner.execute_async.__name__ == "execute_async"  # the timing wrapper is gone

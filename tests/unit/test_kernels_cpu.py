@@ -171,3 +171,16 @@ def test_builds_once_into_the_cache_and_reuses_it(tmp_path, monkeypatch):
         assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
         cpu_build.load.cache_clear()
+
+
+def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(blocker))  # kernels/ cannot be made under a file
+    cpu_build.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pagedserve.kernels.cpu_build"):
+            assert not cpu_attention.available()
+        assert "falling back to torch" in caplog.text
+    finally:
+        cpu_build.load.cache_clear()

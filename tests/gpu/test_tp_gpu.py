@@ -23,25 +23,26 @@ LENGTHS = [1, 7, 40, 130]
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def model_8b(tmp_path_factory):
+def _random_model(tmp_path_factory, shape: str):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    out = tmp_path_factory.mktemp("random-8b")
-    return random_model.write_random_llama(out, "8b", torch.bfloat16, device="cuda", seed=0)
+    out = tmp_path_factory.mktemp(f"random-{shape}")
+    return random_model.write_random_llama(out, shape, torch.bfloat16, device="cuda", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_8b(tmp_path_factory):
+    return _random_model(tmp_path_factory, "8b")
+
+
+@pytest.fixture(scope="module")
+def model_1b(tmp_path_factory):
+    return _random_model(tmp_path_factory, "1b")
 
 
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
     return [torch.randint(10, random_model.VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-@pytest.fixture(scope="module")
-def model_1b(tmp_path_factory):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two GPUs")
-    out = tmp_path_factory.mktemp("random-1b")
-    return random_model.write_random_llama(out, "1b", torch.bfloat16, device="cuda", seed=0)
 
 
 def _greedy(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list[list[int]]:

@@ -63,7 +63,7 @@ def report(args, model_dir: Path) -> None:
     records: list[tuple[int, int, float]] = []
     generate = throughput.ours(args, model_dir)
     try:
-        generate(throughput.warmup_workload(args.seed, vocab_size))
+        generate(throughput.device_warmup_workload(args, vocab_size))
         with timed_steps(records):
             counts, wall = generate(throughput.make_workload(args, vocab_size))
     finally:

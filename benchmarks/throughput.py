@@ -133,6 +133,13 @@ def cuda_warmup_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     return Workload(prompts, torch.randint(8, 33, (n,), generator=g).tolist(), vocab_size)
 
 
+def device_warmup_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    """The untimed warm-up run before each contender: longer on cuda (Triton compiles)."""
+    if args.device == "cuda":
+        return cuda_warmup_workload(args, vocab_size)
+    return warmup_workload(args.seed, vocab_size)
+
+
 def ours(args, model_dir: Path, tensor_parallel_size: int = 1):
     """Build our engine; return its generate(workload) -> (token counts, wall seconds).
 
@@ -274,8 +281,7 @@ def prepare_model_dir(args: argparse.Namespace, tmp: Path) -> Path:
 def run(args: argparse.Namespace, model_dir: Path) -> dict:
     vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
     wl = make_workload(args, vocab_size)
-    warm = (cuda_warmup_workload(args, vocab_size) if args.device == "cuda"
-            else warmup_workload(args.seed, vocab_size))
+    warm = device_warmup_workload(args, vocab_size)
     rows = []
     for tp in args.tensor_parallel_sizes:
         name = "pagedserve" if tp == 1 else f"pagedserve-tp{tp}"
@@ -284,8 +290,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     ours_rows = len(rows)
     for name in args.peers:
         rows.append(measure(name, lambda n=name: peer(n, args, model_dir), args, wl, warm))
-    for r in rows[1:] if ours_rows else []:  # `--tensor-parallel-sizes ''`: peers only
-        r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
+    if ours_rows:  # none with `--tensor-parallel-sizes ''` (peers only): no ratios
+        for r in rows[1:]:
+            r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
     print(common.format_table([asdict(r) for r in rows], COLUMNS))
     for r in rows[1:ours_rows]:
         print(f"{r.name} / {rows[0].name}: {r.tokens_per_s / rows[0].tokens_per_s:.2f}x")

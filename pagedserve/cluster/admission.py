@@ -23,6 +23,10 @@ class QueueFullError(Exception):
     """The admission queue holds `max_queue_len` requests already."""
 
 
+class PromptTooLargeError(ValueError):
+    """No replica's whole KV cache can hold the prompt, so no replica will ever have room."""
+
+
 @dataclass
 class ReplicaReport:
     """What a replica tells the router about its capacity, sent every few tens of milliseconds."""
@@ -109,6 +113,7 @@ class AdmissionQueue:
         self._heap: list[tuple[int, int, str]] = []
         self._waiting: dict[str, tuple[AdmissionRequest, float]] = {}
         self._order = itertools.count()
+        self._rejected: list[tuple[str, PromptTooLargeError]] = []
         self.retired: set[str] = set()  # replicas being stopped: their reports are ignored
 
     def __len__(self) -> int:
@@ -170,12 +175,21 @@ class AdmissionQueue:
                 continue
             replica_id = self.choose(entry[0])
             if replica_id is None:
-                break  # strict order: nobody overtakes the head of the queue
+                error = self._never_fits(entry[0])
+                if error is None:
+                    break  # strict order: nobody overtakes the head of the queue
+                self._rejected.append((request_id, error))  # else it blocks everyone behind
+            else:
+                self._reserve(self.replicas[replica_id], entry[0])
+                placed.append((request_id, replica_id))
             heapq.heappop(self._heap)
             del self._waiting[request_id]
-            self._reserve(self.replicas[replica_id], entry[0])
-            placed.append((request_id, replica_id))
         return placed
+
+    def take_rejected(self) -> list[tuple[str, PromptTooLargeError]]:
+        """Requests `assign` dropped because no replica could ever hold them, with the reason."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def choose(self, request: AdmissionRequest) -> str | None:
         """The replica for `request` now, or None if no replica has room."""
@@ -194,6 +208,23 @@ class AdmissionQueue:
             if matched and state.load <= least[1].load + self.config.imbalance_bound:
                 return best
         return least[0]
+
+    def _never_fits(self, request: AdmissionRequest) -> PromptTooLargeError | None:
+        """Why `request` can never be placed, if even an idle replica's KV cache is too small.
+
+        Replicas of a deployment share one configuration, so those reporting stand for any
+        that start later; with none reporting yet, nothing is known and the request waits.
+        """
+        states = [s for rid, s in self.replicas.items() if rid not in request.exclude]
+        blocks = self._blocks_needed(request)
+        capacity = max((s.report.num_total_blocks for s in states), default=None)
+        if capacity is None or blocks <= capacity:
+            return None
+        block_size = max(s.report.block_size for s in states)
+        return PromptTooLargeError(
+            f"the prompt has {request.num_prompt_tokens} tokens; with one generated token it "
+            f"needs {blocks} KV-cache blocks, but a replica holds at most {capacity} "
+            f"({capacity * block_size} tokens)")
 
     def _blocks_needed(self, request: AdmissionRequest) -> int:
         block_size = max((s.report.block_size for s in self.replicas.values()), default=16)

@@ -8,13 +8,16 @@ retried, since its client has seen part of an answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve import context as serve_context
 
-from pagedserve.cluster.admission import QueueFullError
+from pagedserve.cluster.admission import PromptTooLargeError, QueueFullError
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import prompt_block_hashes
@@ -87,6 +90,8 @@ class Dispatcher:
             return await admission
         except QueueFullError as err:
             raise APIError.overloaded(self.retry_after_s, str(err)) from None
+        except PromptTooLargeError as err:
+            raise APIError.bad_request(_cause_message(err), "prompt") from None
         finally:
             admission.cancel()  # no-op once done; else the client left: leave the queue
 
@@ -99,12 +104,15 @@ class Dispatcher:
         Serve's autoscaler, which then starts a replica; the call returns once one is up."""
         if await self.router.num_ready_replicas.remote() == 0:
             logger.info("no replica is running; waiting for one to start")
-            await self._wake_handle.ready.remote()
+            with own_serve_request():
+                ready = self._wake_handle.ready.remote()
+            await ready
 
     async def _call(self, job: Job, replica_id: str, attempt: int) -> AsyncIterator[RequestOutput]:
         engine_request_id = job.request_id if attempt == 0 else f"{job.request_id}-retry{attempt}"
-        stream = self.replicas.generate.remote(
-            job.prompt_token_ids, job.params, engine_request_id, target_replica=replica_id)
+        with own_serve_request():
+            stream = self.replicas.generate.remote(
+                job.prompt_token_ids, job.params, engine_request_id, target_replica=replica_id)
         delivered = completed = False
         try:
             async for delta in stream:
@@ -116,6 +124,34 @@ class Dispatcher:
                 stream.cancel()
             if not delivered:
                 await asyncio.shield(self.router.release.remote(replica_id, job.request_id))
+
+
+def _cause_message(err: Exception) -> str:
+    """The message of the router's own exception, without the remote traceback Ray adds."""
+    return str(getattr(err, "cause", None) or err)
+
+
+@contextlib.contextmanager
+def own_serve_request() -> Iterator[None]:
+    """Make the handle calls issued inside (synchronously) Serve requests of their own.
+
+    Serve stamps every handle call made while serving a request with that request's internal
+    id, and its request router indexes the calls waiting for a replica by that id, keeping only
+    the first. When several calls of one request wait at once (one per prompt of a completions
+    request), the pinned router, which lacks the FIFO fallback of Serve's default router, hands
+    a replica to the indexed call only: the others never reach their replica, and each keeps
+    one of the handle's few routing tasks (two per replica) busy, until no call is routed.
+    The client-facing request id is kept, so logs still tie the calls to their request; Serve's
+    cancellation of a parent's calls no longer covers them, which is why `_call` cancels its
+    own stream when the caller leaves.
+    """
+    parent = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(
+        replace(parent, _internal_request_id=str(uuid.uuid4())))
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

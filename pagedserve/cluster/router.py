@@ -18,6 +18,7 @@ from pagedserve.autoscale.weight_store import WeightStores
 from pagedserve.cluster.admission import (
     AdmissionQueue,
     AdmissionRequest,
+    PromptTooLargeError,
     QueueFullError,
     ReplicaReport,
 )
@@ -61,8 +62,9 @@ class RouterDeployment:
     async def admit(self, request: dict) -> str:
         """Wait until a replica has room for `request`; return that replica's id.
 
-        Raises QueueFullError when the queue is full. Cancelling the call (the client left)
-        removes the request from the queue.
+        Raises QueueFullError when the queue is full, PromptTooLargeError when no replica could
+        ever hold the prompt. Cancelling the call (the client left) removes the request from
+        the queue.
         """
         self._ensure_expiry()
         admission = AdmissionRequest(**{**request, "exclude": frozenset(request.get("exclude", ()))})
@@ -145,8 +147,16 @@ class RouterDeployment:
                 future.set_result(replica_id)
             else:
                 self.queue.release(replica_id, request_id)
+        self._fail_rejected()
         self._queue_len.set(len(self.queue))
         self._replicas.set(len(self.queue.replicas))
+
+    def _fail_rejected(self) -> None:
+        """End the admissions of requests that no replica could ever hold, with the reason."""
+        for request_id, error in self.queue.take_rejected():
+            future = self._futures.get(request_id)
+            if future is not None and not future.done():
+                future.set_exception(error)
 
     def _ensure_watcher(self) -> None:
         if self._watched is None or (self._watcher is not None and not self._watcher.done()):
@@ -189,4 +199,4 @@ class _ScaleMetrics:
         self._known = dict(states)
 
 
-__all__ = ["QueueFullError", "RouterDeployment"]
+__all__ = ["PromptTooLargeError", "QueueFullError", "RouterDeployment"]

@@ -5,6 +5,7 @@ import pytest
 from pagedserve.cluster.admission import (
     AdmissionQueue,
     AdmissionRequest,
+    PromptTooLargeError,
     QueueFullError,
     ReplicaReport,
 )
@@ -179,3 +180,23 @@ def test_a_retired_replica_gets_nothing_even_when_it_reports_room_again():
     assert q.assign() == [("r1", "B")]  # r2 waits for B rather than go to A
     q.set_retired(set())  # A is gone from Serve's list: the set does not grow forever
     assert q.retired == set() and "A" not in q.replicas
+
+
+def test_a_prompt_no_replica_could_ever_hold_is_rejected_not_left_blocking_the_queue():
+    q, _ = make_queue()
+    q.report(report("A", free=3))  # a busy replica whose whole cache is 100 blocks
+    q.enqueue(request("huge", tokens=100 * 16))  # needs 101 blocks with its first new token
+    q.enqueue(request("small", tokens=5))
+    assert q.assign() == [("small", "A")]  # the one behind it is not stuck
+    [(request_id, error)] = q.take_rejected()
+    assert request_id == "huge" and isinstance(error, PromptTooLargeError)
+    assert "101 KV-cache blocks" in str(error) and len(q) == 0
+    assert q.take_rejected() == []
+
+
+def test_a_prompt_waits_while_no_replica_reports_its_capacity():
+    q, _ = make_queue()
+    q.enqueue(request("huge", tokens=100 * 16))
+    assert q.assign() == [] and q.take_rejected() == []  # nothing known yet (scaled to zero)
+    q.report(report("A", free=3))
+    assert q.assign() == [] and len(q.take_rejected()) == 1

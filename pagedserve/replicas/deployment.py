@@ -138,14 +138,16 @@ class ReplicaDeployment:
         await self._push_report(include_hashes=False)
 
     async def __del__(self) -> None:
+        """Serve calls this after a failed `__init__` too: release whatever was started."""
         self.draining = self.stopping = True
-        if self._reporter is not None:
-            self._reporter.cancel()
+        if (reporter := getattr(self, "_reporter", None)) is not None:
+            reporter.cancel()
             with contextlib.suppress(Exception):  # the router may be gone already at shutdown
                 await self.router.deregister.remote(self.replica_id)
-        await self.engine.shutdown()
-        if self.ranks is not None:
-            self.ranks.kill()
+        if (engine := getattr(self, "engine", None)) is not None:
+            await engine.shutdown()
+        if (ranks := getattr(self, "ranks", None)) is not None:
+            ranks.kill()
 
     async def _watch_ranks(self) -> None:
         """Stop the engine as soon as a rank stops: no half-dead replica keeps taking work."""

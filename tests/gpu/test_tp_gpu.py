@@ -23,7 +23,7 @@ LENGTHS = [1, 7, 40, 130]
 MAX_TOKENS = 16
 
 
-def _random_model(tmp_path_factory, shape: str):
+def write_model(tmp_path_factory, shape: str):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     out = tmp_path_factory.mktemp(f"random-{shape}")
@@ -32,26 +32,30 @@ def _random_model(tmp_path_factory, shape: str):
 
 @pytest.fixture(scope="module")
 def model_8b(tmp_path_factory):
-    return _random_model(tmp_path_factory, "8b")
+    return write_model(tmp_path_factory, "8b")
 
 
 @pytest.fixture(scope="module")
 def model_1b(tmp_path_factory):
-    return _random_model(tmp_path_factory, "1b")
+    return write_model(tmp_path_factory, "1b")
 
 
-def _prompts() -> list[list[int]]:
+def make_prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
     return [torch.randint(10, random_model.VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
 
 
 def _greedy(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list[list[int]]:
+    return [c.token_ids for c in greedy_outputs(model_dir, dtype, tp, enforce_eager)]
+
+
+def greedy_outputs(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list:
     llm = LLM(str(model_dir), dtype=dtype, device="cuda", tensor_parallel_size=tp,
               progress=False, max_model_len=1024, gpu_memory_utilization=0.8,
               enforce_eager=enforce_eager)
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        return [o.outputs[0].token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
+        return [o.outputs[0] for o in llm.generate(make_prompts(), params, use_tqdm=False)]
     finally:
         llm.shutdown()
         del llm

@@ -59,3 +59,21 @@ def test_default_model_tp3_matches_tp1(default_model_dir, default_llm):
         assert _greedy(llm, ids) == _greedy(default_llm, ids)
     finally:
         llm.shutdown()
+
+
+def test_one_shot_all_reduce_is_for_gpus_only(monkeypatch):
+    """On CPU (gloo) and with PAGEDSERVE_TP_ALL_REDUCE=nccl the group keeps its plain all-reduce;
+    the GPU path is checked against NCCL in tests/gpu/test_symmetric_all_reduce.py."""
+    import torch
+
+    from pagedserve.replicas.parallel import symmetric_all_reduce
+    from pagedserve.replicas.parallel.layers import TensorParallel
+
+    cpu = TensorParallel(0, 2, torch.device("cpu"))
+    cpu.use_one_shot_all_reduce(torch.float32)  # returns before any collective
+    assert cpu.one_shot is None
+    monkeypatch.setenv("PAGEDSERVE_TP_ALL_REDUCE", "nccl")
+    assert not symmetric_all_reduce.enabled()
+    gpu = TensorParallel(0, 2, torch.device("cuda", 0))
+    gpu.use_one_shot_all_reduce(torch.bfloat16)  # disabled: no collective, no CUDA call
+    assert gpu.one_shot is None

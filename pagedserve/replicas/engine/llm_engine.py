@@ -127,7 +127,7 @@ class LLMEngine:
 
     def _leave_group(self, tp) -> None:
         if tp is not None:
-            leave_group()
+            leave_group(tp)
         if self._local_ranks is not None:
             self._local_ranks.stop()
             self._local_ranks = None

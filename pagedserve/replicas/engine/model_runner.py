@@ -58,6 +58,8 @@ class ModelRunner:
         self.tp = tp
         self.num_kv_heads = spec.num_kv_heads // (tp.size if tp is not None else 1)  # this rank's
         self.timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
+        if tp is not None:
+            tp.use_one_shot_all_reduce(dtype)
         with self.timer.phase("weights"):
             self.model = load_model(spec, model_dir, dtype, device, progress, tp, tensors)
         with self.timer.phase("kv_cache"):

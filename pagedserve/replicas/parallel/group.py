@@ -34,6 +34,9 @@ def join_group(init_method: str, rank: int, size: int, device: torch.device) -> 
     return TensorParallel(rank, size, device, control)
 
 
-def leave_group() -> None:
+def leave_group(tp: TensorParallel | None = None) -> None:
+    """Leave the process group, after freeing what `tp` holds in it (symmetric buffers)."""
+    if tp is not None:
+        tp.release()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ here: the group is a plain torch.distributed process group.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,24 +24,59 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.replicas.models.cpu_linear import Linear
+from pagedserve.replicas.parallel import symmetric_all_reduce
+from pagedserve.replicas.parallel.symmetric_all_reduce import SymmetricAllReduce
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TensorParallel:
     """This process's place in a tensor-parallel group: `rank` of `size` ranks on `device`.
 
     `control_group` carries host-side control messages (gloo); None means the default group
-    (already gloo on CPU).
+    (already gloo on CPU). `one_shot`, set by `use_one_shot_all_reduce`, takes the small
+    all-reduces on GPUs.
     """
 
     rank: int
     size: int
     device: torch.device
     control_group: object | None = None
+    one_shot: SymmetricAllReduce | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the ranks (in place, or in a new tensor: use the result)."""
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         dist.all_reduce(x)
         return x
+
+    def use_one_shot_all_reduce(self, dtype: torch.dtype) -> None:
+        """Set up the symmetric-memory all-reduce on GPUs (collective: every rank calls it at
+        the same point). If it fails on any rank, every rank keeps NCCL."""
+        if self.device.type != "cuda" or not symmetric_all_reduce.enabled():
+            return
+        one_shot = None
+        try:
+            if symmetric_all_reduce.available():
+                one_shot = SymmetricAllReduce(self.device)
+                one_shot(torch.zeros(64, dtype=dtype, device=self.device))  # sets its buffer up
+        except Exception as err:  # no peer access between these GPUs, an older torch, ...
+            logger.warning("symmetric-memory all-reduce unavailable, using NCCL: %r", err)
+            one_shot = None
+        if self.min_int(int(one_shot is not None)):
+            self.one_shot = one_shot
+            logger.info("tensor-parallel all-reduce: one-shot through symmetric memory up to "
+                        "%d KiB, NCCL above", symmetric_all_reduce.MAX_BYTES // 1024)
+        elif one_shot is not None:
+            one_shot.release()
+
+    def release(self) -> None:
+        """Free what the group holds beyond torch.distributed (before it is destroyed)."""
+        if self.one_shot is not None:
+            self.one_shot.release()
+            self.one_shot = None
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along its last dimension (the same result on all ranks)."""

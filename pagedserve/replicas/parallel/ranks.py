@@ -48,7 +48,7 @@ def run_rank(config: dict, rank: int, init_method: str, device: str | None = Non
     finally:
         if runner is not None:
             runner.release_graphs()
-        leave_group()
+        leave_group(tp)
 
 
 def join_as_rank0(config: EngineConfig, device: torch.device,

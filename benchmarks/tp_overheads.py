@@ -1,0 +1,125 @@
+"""What tensor parallelism adds to a step on two GPUs: the all-reduces and the step control.
+
+    python benchmarks/tp_overheads.py [--hidden 4096] [--layers 32]
+
+Per decode batch size: the time of one all-reduce of [batch, hidden] bfloat16 replayed in a CUDA
+graph (as a decode step runs them; a step has 2 per layer), with NCCL and, where this torch has
+it, with a symmetric-memory one-shot all-reduce; and the host time of rank 0's step control (a
+gloo broadcast of the header and of the step's flat inputs, their size at that batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BATCHES = (1, 8, 32, 128, 256)
+REPLAYS = 20
+
+
+def graph_time_us(op, x: torch.Tensor, reps: int) -> float:
+    """Microseconds per `op(x)` with `reps` of them captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            op(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            op(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(REPLAYS):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / REPLAYS / reps * 1e6
+
+
+def one_shot_op(group_name: str, hidden: int, max_batch: int):
+    """An in-place all-reduce through a symmetric buffer (None if this torch lacks it)."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError:
+        return None
+    buffer = symm_mem.empty(max_batch * hidden, dtype=torch.bfloat16, device="cuda")
+    symm_mem.rendezvous(buffer, group_name)
+
+    def op(x: torch.Tensor) -> None:
+        flat = x.view(-1)
+        slot = buffer[: flat.numel()]
+        slot.copy_(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", group_name, flat)
+
+    return op
+
+
+def control_time_us(control, rank: int, batch: int, table_width: int, reps: int = 200) -> float:
+    """Rank 0's host microseconds per step to broadcast a header and a step's flat inputs."""
+    header = torch.zeros(17, dtype=torch.int64)
+    flat = torch.zeros(batch * (6 + table_width) + 1, dtype=torch.int64)
+    dist.barrier(group=control)
+    start = time.perf_counter()
+    for _ in range(reps):
+        dist.broadcast(header, src=0, group=control)
+        dist.broadcast(flat, src=0, group=control)
+    return (time.perf_counter() - start) / reps * 1e6
+
+
+def worker(rank: int, args, init: str, out: dict) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=2)
+    control = dist.new_group(backend="gloo")
+    group_name = dist.group.WORLD.group_name
+    one_shot = one_shot_op(group_name, args.hidden, max(BATCHES))
+    reps = 2 * args.layers
+    rows = []
+    for batch in BATCHES:
+        x = torch.randn(batch, args.hidden, device="cuda").to(torch.bfloat16)
+        row = {"batch": batch, "bytes": x.numel() * 2,
+               "nccl_us": graph_time_us(dist.all_reduce, x, reps)}
+        if one_shot is not None:
+            row["one_shot_us"] = graph_time_us(one_shot, x, reps)
+        row["control_us"] = control_time_us(control, rank, batch, args.table_width)
+        rows.append(row)
+    if rank == 0:
+        out["rows"] = rows
+        out["device"] = torch.cuda.get_device_name()
+        out["torch"] = torch.__version__
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--table-width", type=int, default=128, help="KV blocks per sequence")
+    args = p.parse_args()
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("needs two GPUs")
+    from pagedserve.replicas.parallel.rendezvous import rendezvous_address
+
+    init = rendezvous_address()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(worker, args=(args, init, out), nprocs=2)
+        result = dict(out)
+    print(json.dumps(result, indent=2))
+    print(f"{'batch':>6} {'bytes':>9} {'nccl us':>8} {'one-shot us':>12} {'control us':>11}")
+    for r in result["rows"]:
+        print(f"{r['batch']:>6} {r['bytes']:>9} {r['nccl_us']:>8.1f} "
+              f"{r.get('one_shot_us', float('nan')):>12.1f} {r['control_us']:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,13 @@
 """Where a decode step's time goes on a GPU, and the memory-bandwidth floor of the workload.
 
-    python benchmarks/profile_decode.py [--model-shape 1b] [--batch 256]
+    python benchmarks/profile_decode.py [--model-shape 1b] [--batch 256] [--tensor-parallel-size 2]
 
 Measures: device copy bandwidth; at a full decode batch, the GPU time of one step (graph replay,
 logits, sampling; CUDA events) and of the same step run eagerly, and the host time of each phase
 of `LLMEngine.step` (schedule, launch, waiting for tokens, applying them); and the floor of the
 standard workload: weights plus KV bytes each decode step must read, over that bandwidth.
+With tensor parallelism the other ranks only follow published steps, so the isolated GPU step
+times are left out (a lone rank 0 would wait in its first all-reduce); the floor is per rank.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-shape", default="1b", choices=tuple(random_model.SHAPES))
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     bw = copy_bandwidth()
@@ -134,7 +137,7 @@ def main() -> None:
         model_dir = random_model.write_random_llama(Path(tmp) / "m", args.model_shape,
                                                     device="cuda")
         llm = LLM(str(model_dir), device="cuda", progress=False, max_model_len=2048,
-                  max_num_seqs=args.batch)
+                  max_num_seqs=args.batch, tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     wl = throughput.make_workload(targs, random_model.VOCAB)
     for i, (prompt, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True)):
@@ -166,8 +169,10 @@ def main() -> None:
     print(f"wall/step without pipelining {wall_sequential * 1e3:.2f} ms", flush=True)
     batch = decode_batch_of(engine, allocate=True)
     runner = engine.runner
-    gpu_graph = gpu_step_seconds(runner, batch, graph=True)
-    gpu_eager = gpu_step_seconds(runner, batch, graph=False, reps=5)
+    gpu_graph = gpu_eager = float("nan")
+    if args.tensor_parallel_size == 1:
+        gpu_graph = gpu_step_seconds(runner, batch, graph=True)
+        gpu_eager = gpu_step_seconds(runner, batch, graph=False, reps=5)
     spec = engine.spec
     weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
     kv_token = runner.kv_cache_bytes_per_block() // runner.block_size
@@ -176,6 +181,7 @@ def main() -> None:
     full = throughput.make_workload(throughput.parse_args(["--device", "cuda"]), random_model.VOCAB)
     result = {
         "device_name": torch.cuda.get_device_name(), "model_shape": args.model_shape,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "copy_bandwidth_Bps": bw, "batch": len(batch.scheduled), "live_kv_tokens": live,
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_token,
         "wall_per_step_s": wall, "wall_per_step_sequential_s": wall_sequential,
@@ -184,6 +190,7 @@ def main() -> None:
         "step_bandwidth_floor_s": step_floor, "layers": spec.num_layers,
         "workload_floor": workload_floor(full, weight_bytes, kv_token, bw),
     }
+    llm.shutdown()
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

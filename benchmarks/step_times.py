@@ -2,10 +2,14 @@
 
     python benchmarks/step_times.py                   # CPU workload of throughput.py
     PAGEDSERVE_ATTENTION=torch python benchmarks/step_times.py   # with the torch references
+    python benchmarks/step_times.py --device cuda --model-shape 8b --tensor-parallel-sizes 1,2 --overlap
 
-Runs the same workload as `benchmarks/throughput.py` (same arguments) with our engine only, times
-every model step (launch to sampled ids on the host) and prints the split, with the median
-decode-only step at the workload's full batch.
+Runs the same workload as `benchmarks/throughput.py` (same arguments) with our engine only, once
+per tensor-parallel size. By default it times every model step (launch to sampled ids on the
+host, each step waited for) and prints the split, with the median decode-only step at the
+workload's full batch. With `--overlap` the steps stay pipelined as in a real run and it prints
+where rank 0's host time went instead: waiting for the device (the device is the bottleneck)
+against everything else (the host is), and the part spent publishing steps to the other ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ except ModuleNotFoundError:  # run as `python benchmarks/step_times.py`
     import throughput
 
 from pagedserve.replicas.engine.model_runner import ModelRunner
+from pagedserve.replicas.engine.sampler import PendingSample
+from pagedserve.replicas.parallel.step_channel import StepBroadcaster
 
 
 @contextlib.contextmanager
@@ -52,16 +58,72 @@ def timed_steps(records: list[tuple[int, int, float]]):
         ModelRunner.execute_async = launch
 
 
+@contextlib.contextmanager
+def host_time_split(totals: dict[str, float]):
+    """While open, add the seconds spent in each of a few calls to `totals` (steps stay
+    pipelined): `device_wait` waiting for sampled ids, `publish` sending a step to the other
+    ranks, `launch` launching a step (publish included); `steps` counts launches."""
+    originals = {(cls, name): getattr(cls, name) for cls, name in
+                 ((PendingSample, "result"), (StepBroadcaster, "publish"),
+                  (ModelRunner, "execute_async"))}
+    labels = {"result": "device_wait", "publish": "publish", "execute_async": "launch"}
+
+    def timed(original, label):
+        def call(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+                if label == "launch":
+                    totals["steps"] = totals.get("steps", 0) + 1
+        return call
+
+    for (cls, name), original in originals.items():
+        setattr(cls, name, timed(original, labels[name]))
+    try:
+        yield
+    finally:
+        for (cls, name), original in originals.items():
+            setattr(cls, name, original)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = throughput.parse_args(argv)
+    overlap = "--overlap" in (argv or [])
+    args = throughput.parse_args([a for a in (argv or []) if a != "--overlap"])
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
-        report(args, throughput.prepare_model_dir(args, Path(tmp)))
+        model_dir = throughput.prepare_model_dir(args, Path(tmp))
+        for size in args.tensor_parallel_sizes:
+            print(f"tensor_parallel_size={size}")
+            (report_overlap if overlap else report)(args, model_dir, size)
 
 
-def report(args, model_dir: Path) -> None:
+def report_overlap(args, model_dir: Path, tensor_parallel_size: int) -> None:
+    vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    totals: dict[str, float] = {}
+    generate = throughput.ours(args, model_dir, tensor_parallel_size)
+    try:
+        generate(throughput.device_warmup_workload(args, vocab_size))
+        with host_time_split(totals):
+            counts, wall = generate(throughput.make_workload(args, vocab_size))
+    finally:
+        generate.close()
+    steps = max(1, totals.get("steps", 0))
+    print(f"{sum(counts)} tokens in {wall:.2f} s = {sum(counts) / wall:.1f} tok/s, {steps} steps, "
+          f"{1000 * wall / steps:.2f} ms a step")
+    for label in ("device_wait", "launch", "publish"):
+        seconds = totals.get(label, 0.0)
+        print(f"  {label}: {seconds:.2f} s ({100 * seconds / wall:.0f}% of wall, "
+              f"{1000 * seconds / steps:.3f} ms a step)")
+    rest = wall - totals.get("device_wait", 0.0) - totals.get("launch", 0.0)
+    print(f"  rest of the host (scheduling, outputs): {rest:.2f} s "
+          f"({1000 * rest / steps:.3f} ms a step)")
+
+
+def report(args, model_dir: Path, tensor_parallel_size: int = 1) -> None:
     vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
     records: list[tuple[int, int, float]] = []
-    generate = throughput.ours(args, model_dir)
+    generate = throughput.ours(args, model_dir, tensor_parallel_size)
     try:
         generate(throughput.device_warmup_workload(args, vocab_size))
         with timed_steps(records):

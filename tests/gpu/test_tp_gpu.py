@@ -10,6 +10,7 @@ late; the check is the one the bfloat16 CPU test against transformers uses.
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 import torch
@@ -50,9 +51,17 @@ def _greedy(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list
 
 
 def greedy_outputs(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list:
+    """Greedy completions of `make_prompts()`; prints the start-up phases (run with -s).
+
+    `max_num_seqs` is the prompt count, so only the few decode graphs these steps use are
+    captured: an 8B-shaped float32 model otherwise spends most of the test capturing.
+    """
+    started = time.perf_counter()
     llm = LLM(str(model_dir), dtype=dtype, device="cuda", tensor_parallel_size=tp,
               progress=False, max_model_len=1024, gpu_memory_utilization=0.8,
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, max_num_seqs=len(LENGTHS))
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in llm.engine.startup_phases.items())
+    print(f"\n{dtype} TP={tp}: built in {time.perf_counter() - started:.1f} s ({phases})")
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         return [o.outputs[0] for o in llm.generate(make_prompts(), params, use_tqdm=False)]
@@ -73,10 +82,12 @@ def test_tp2_with_decode_graphs_shuts_down_and_equals_eager_tp1(model_1b):
     assert _greedy(model_1b, "float32", 2) == _greedy(model_1b, "float32", 1, enforce_eager=True)
 
 
+@pytest.mark.timeout(480)  # on expiry pytest-timeout prints every thread's stack
 def test_tp2_equals_tp1_float32(model_8b):
     assert _greedy(model_8b, "float32", 2) == _greedy(model_8b, "float32", 1)
 
 
+@pytest.mark.timeout(480)
 def test_tp2_tracks_tp1_bfloat16(model_8b):
     single, split = _greedy(model_8b, "bfloat16", 1), _greedy(model_8b, "bfloat16", 2)
     agreed = [_agreement(a, b) for a, b in zip(single, split, strict=True)]

@@ -5,23 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fake_handles import Method
 
 from pagedserve.cluster.admission import PromptTooLargeError
 from pagedserve.cluster.dispatch import Dispatcher, Job
 from pagedserve.cluster.openai_errors import APIError
 
 
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
 class RejectingRouter:
     def __init__(self) -> None:
-        self.admit = _Method(self._admit)
+        self.admit = Method(self._admit)
 
     async def _admit(self, request: dict) -> str:
         raise PromptTooLargeError("the prompt needs 9 KV-cache blocks, a replica holds 8")

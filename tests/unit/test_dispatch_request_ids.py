@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from fake_handles import Method
 from ray.serve import context as serve_context
 from ray.serve._private.default_impl import (
     create_dynamic_handle_options,
@@ -31,22 +32,14 @@ def _serve_ids(method: str) -> tuple[str, str]:
     return metadata.internal_request_id, metadata.request_id
 
 
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
 class FakeRouter:
     """Admits every request to one replica; reports none ready until `up` is set."""
 
     def __init__(self) -> None:
         self.up = asyncio.Event()
-        self.admit = _Method(self._admit)
-        self.release = _Method(self._release)
-        self.num_ready_replicas = _Method(self._num_ready)
+        self.admit = Method(self._admit)
+        self.release = Method(self._release)
+        self.num_ready_replicas = Method(self._num_ready)
 
     async def _admit(self, request: dict) -> str:
         await self.up.wait()
@@ -65,8 +58,8 @@ class FakeReplicas:
     def __init__(self, router: FakeRouter) -> None:
         self.router = router
         self.calls: list[tuple[str, str, str]] = []  # (method, internal id, client id)
-        self.generate = _Method(self._generate)
-        self.ready = _Method(self._ready)
+        self.generate = Method(self._generate)
+        self.ready = Method(self._ready)
 
     def options(self, **_):
         return self

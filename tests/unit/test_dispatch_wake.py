@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from fake_handles import Method
+
 from pagedserve.cluster import dispatch
 from pagedserve.cluster.dispatch import Dispatcher
-
-
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
 
 
 class FakeRouter:
@@ -21,8 +15,8 @@ class FakeRouter:
 
     def __init__(self) -> None:
         self.replica_up = asyncio.Event()
-        self.admit = _Method(self._admit)
-        self.num_ready_replicas = _Method(self._num_ready)
+        self.admit = Method(self._admit)
+        self.num_ready_replicas = Method(self._num_ready)
 
     async def _admit(self, request: dict) -> str:
         await self.replica_up.wait()
@@ -37,7 +31,7 @@ class FakeReplicas:
 
     def __init__(self, router: FakeRouter) -> None:
         self.router, self.woken = router, 0
-        self.ready = _Method(self._ready)
+        self.ready = Method(self._ready)
 
     def options(self, **_):
         return self

@@ -98,16 +98,21 @@ def main(argv: list[str] | None = None) -> None:
             (report_overlap if overlap else report)(args, model_dir, size)
 
 
-def report_overlap(args, model_dir: Path, tensor_parallel_size: int) -> None:
+def timed_run(args, model_dir: Path, tensor_parallel_size: int, instrument):
+    """Warm our engine up, then run the workload inside `instrument`: (token counts, wall s)."""
     vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
-    totals: dict[str, float] = {}
     generate = throughput.ours(args, model_dir, tensor_parallel_size)
     try:
         generate(throughput.device_warmup_workload(args, vocab_size))
-        with host_time_split(totals):
-            counts, wall = generate(throughput.make_workload(args, vocab_size))
+        with instrument:
+            return generate(throughput.make_workload(args, vocab_size))
     finally:
         generate.close()
+
+
+def report_overlap(args, model_dir: Path, tensor_parallel_size: int) -> None:
+    totals: dict[str, float] = {}
+    counts, wall = timed_run(args, model_dir, tensor_parallel_size, host_time_split(totals))
     steps = max(1, totals.get("steps", 0))
     print(f"{sum(counts)} tokens in {wall:.2f} s = {sum(counts) / wall:.1f} tok/s, {steps} steps, "
           f"{1000 * wall / steps:.2f} ms a step")
@@ -121,15 +126,8 @@ def report_overlap(args, model_dir: Path, tensor_parallel_size: int) -> None:
 
 
 def report(args, model_dir: Path, tensor_parallel_size: int = 1) -> None:
-    vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
     records: list[tuple[int, int, float]] = []
-    generate = throughput.ours(args, model_dir, tensor_parallel_size)
-    try:
-        generate(throughput.device_warmup_workload(args, vocab_size))
-        with timed_steps(records):
-            counts, wall = generate(throughput.make_workload(args, vocab_size))
-    finally:
-        generate.close()
+    counts, wall = timed_run(args, model_dir, tensor_parallel_size, timed_steps(records))
     with_prefill = [r for r in records if r[0]]
     decode_only = [r for r in records if not r[0]]
     full = [r[2] for r in decode_only if r[1] == args.num_prompts]

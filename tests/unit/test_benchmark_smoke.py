@@ -78,3 +78,18 @@ def test_step_times_reports_the_split(default_model_dir, capsys, monkeypatch):
     from pagedserve.replicas.engine.model_runner import ModelRunner
 
     assert ModelRunner.execute_async.__name__ == "execute_async"  # the timing wrapper is gone
+
+
+def test_step_times_overlap_splits_host_time(default_model_dir, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    step_times = importlib.import_module("benchmarks.step_times")
+    step_times.main(["--model", str(default_model_dir), "--num-prompts", "3", "--output-len", "3",
+                     "--max-prompt-len", "16", "--overlap"])
+    out = capsys.readouterr().out
+    assert "tensor_parallel_size=1" in out and "9 tokens in" in out and "3 steps" in out
+    assert "device_wait:" in out and "launch:" in out and "publish: 0.00 s" in out  # no ranks
+    from pagedserve.replicas.engine.model_runner import ModelRunner
+    from pagedserve.replicas.engine.sampler import PendingSample
+
+    assert ModelRunner.execute_async.__name__ == "execute_async"  # the wrappers are gone
+    assert PendingSample.result.__name__ == "result"

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pagedserve.replicas.deployment import ReplicaDeployment
+
+# Serve's shutdown hook is an async `__del__`; Python also calls it when a test's object is
+# collected, which only makes a coroutine nobody awaits.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:coroutine 'ReplicaDeployment.__del__' was never awaited:RuntimeWarning")
 
 
 class _Engine:

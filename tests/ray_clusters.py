@@ -5,6 +5,7 @@ be the driver of several clusters in turn (the served cluster, then the modules'
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import ray
@@ -16,7 +17,7 @@ def own_ray_cluster(num_cpus: int) -> Iterator[None]:
     if ray.is_initialized():
         raise RuntimeError("this process is still the driver of another Ray cluster; a module "
                            "that owns its cluster must not run while the served one is joined")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+    _start_local_cluster(num_cpus)
     try:
         yield
     finally:
@@ -24,6 +25,26 @@ def own_ray_cluster(num_cpus: int) -> Iterator[None]:
 
         serve.shutdown()
         leave_ray_cluster()
+
+
+def _start_local_cluster(num_cpus: int, attempts: int = 2) -> None:
+    """`ray.init` of a new local cluster, tried again once if its raylet never registered.
+
+    Ray forks its daemons from this process with a `preexec_fn`, which Python warns can
+    deadlock in the child when other threads are running; this process has many (Serve's
+    router, gRPC). Twice in CI the raylet of the cluster started after the served one never
+    wrote a log and `ray.init` timed out after 30 s; a second start gets a fresh fork.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            if attempt == attempts or "timed out during startup" not in str(err):
+                raise
+            warnings.warn(f"local Ray cluster did not start ({err}); starting it again",
+                          stacklevel=2)
+            ray.shutdown()
 
 
 def leave_ray_cluster() -> None:

@@ -6,9 +6,11 @@ inside a CUDA graph, against 7.5 and 20.5 us for torch's symmetric-memory one-sh
 which each GPU reads its peers' buffers over NVLink and sums them (`benchmarks/tp_overheads.py`).
 Prefill chunks, larger than the buffer, keep NCCL. `PAGEDSERVE_TP_ALL_REDUCE=nccl` turns this off.
 
-Every rank sets the buffer up at the same collective point (the first all-reduce of a dtype),
-before any CUDA graph is captured. The one-shot kernel sums the ranks' buffers in rank order on
-every rank, so all ranks hold identical results.
+Every rank sets up the buffer of the model's dtype at the same collective point
+(`TensorParallel.use_one_shot_all_reduce`, before the weights load and any CUDA graph is
+captured); tensors of another dtype keep NCCL, so no set-up ever happens mid-forward. The
+one-shot kernel sums the ranks' buffers in rank order on every rank, so all ranks hold
+identical results.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class SymmetricAllReduce:
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def fits(self, x: torch.Tensor) -> bool:
+        """`x` can go through a buffer already set up (the kernel needs 4-byte multiples)."""
         nbytes = x.numel() * x.element_size()
-        return x.is_cuda and x.is_contiguous() and nbytes <= MAX_BYTES and nbytes % 4 == 0
+        return (x.dtype in self.buffers and x.is_cuda and x.is_contiguous()
+                and nbytes <= MAX_BYTES and nbytes % 4 == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in a new tensor (`x` is left as it was)."""
@@ -63,7 +67,7 @@ class SymmetricAllReduce:
         self.buffers.clear()
 
     def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self.buffers:  # collective: every rank reaches it in the same step
+        if dtype not in self.buffers:  # collective: only from use_one_shot_all_reduce
             import torch.distributed._symmetric_memory as symm_mem
 
             size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()

@@ -64,7 +64,7 @@ def one_shot_op(group_name: str, hidden: int, max_batch: int):
     return op
 
 
-def control_time_us(control, rank: int, batch: int, table_width: int, reps: int = 200) -> float:
+def control_time_us(control, batch: int, table_width: int, reps: int = 200) -> float:
     """Rank 0's host microseconds per step to broadcast a header and a step's flat inputs."""
     header = torch.zeros(17, dtype=torch.int64)
     flat = torch.zeros(batch * (6 + table_width) + 1, dtype=torch.int64)
@@ -90,7 +90,7 @@ def worker(rank: int, args, init: str, out: dict) -> None:
                "nccl_us": graph_time_us(dist.all_reduce, x, reps)}
         if one_shot is not None:
             row["one_shot_us"] = graph_time_us(one_shot, x, reps)
-        row["control_us"] = control_time_us(control, rank, batch, args.table_width)
+        row["control_us"] = control_time_us(control, batch, args.table_width)
         rows.append(row)
     if rank == 0:
         out["rows"] = rows

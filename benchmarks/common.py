@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -30,6 +31,42 @@ def timed(device: str, fn):
     if device == "cuda":
         torch.cuda.synchronize()
     return result, time.perf_counter() - start
+
+
+_NOT_OWN = object()
+
+
+@contextlib.contextmanager
+def timed_calls(targets: list[tuple[object, str, str]], seconds: dict[str, float],
+                calls: dict[str, int] | None = None):
+    """While open, add the host seconds of every call of each `(owner, method, label)` in
+    `targets` to `seconds[label]`, and count the calls in `calls`; the methods are put back
+    after. An owner is a class (every instance is timed) or one object."""
+    saved = []
+    for owner, name, label in targets:
+        saved.append((owner, name, vars(owner).get(name, _NOT_OWN)))
+        setattr(owner, name, _timed(getattr(owner, name), label, seconds, calls))
+    try:
+        yield
+    finally:
+        for owner, name, own in reversed(saved):
+            if own is _NOT_OWN:
+                delattr(owner, name)  # it was the class's (or a base's) again
+            else:
+                setattr(owner, name, own)
+
+
+def _timed(method, label: str, seconds: dict[str, float], calls: dict[str, int] | None):
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
+            if calls is not None:
+                calls[label] = calls.get(label, 0) + 1
+
+    return call
 
 
 def reset_peak_memory(device: str) -> None:

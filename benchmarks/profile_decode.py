@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks import random_model, throughput
+    from benchmarks import common, random_model, throughput
 except ModuleNotFoundError:
+    import common
     import random_model
     import throughput
 
@@ -77,30 +78,15 @@ def gpu_step_seconds(runner, batch, graph: bool, reps: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-class PhaseTimer:
-    """Wraps engine methods to add up the host time spent in each."""
+def phase_targets(engine) -> list[tuple[object, str, str]]:
+    """The phases of `LLMEngine.step` whose host time is added up (`common.timed_calls`)."""
+    from pagedserve.replicas.engine.sampler import PendingSample
 
-    def __init__(self, engine) -> None:
-        self.totals: dict[str, float] = {}
-        self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.runner, "execute_async", "launch (prepare + enqueue)")
-        self._wrap(engine, "_resolve", "resolve (incl. wait)")
-        self._wrap(engine, "_outputs", "outputs")
-        import pagedserve.replicas.engine.sampler as sampler
-        self._wrap(sampler.PendingSample, "result", "wait for sampled ids", cls=True)
-
-    def _wrap(self, obj, name, label, cls=False):
-        fn = getattr(obj, name)
-        totals = self.totals
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
-
-        setattr(obj, name, timed)
+    return [(engine.scheduler, "schedule", "schedule"),
+            (engine.runner, "execute_async", "launch (prepare + enqueue)"),
+            (engine, "_resolve", "resolve (incl. wait)"),
+            (engine, "_outputs", "outputs"),
+            (PendingSample, "result", "wait for sampled ids")]
 
 
 def decode_batch_of(engine, allocate: bool = False):
@@ -147,15 +133,16 @@ def main() -> None:
         engine.step(stream=False)
     for _ in range(5):
         engine.step(stream=False)
-    timer = PhaseTimer(engine)
+    totals: dict[str, float] = {}
     steps = 50
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step(stream=False)
-    torch.cuda.synchronize()
+    with common.timed_calls(phase_targets(engine), totals):
+        for _ in range(steps):
+            engine.step(stream=False)
+        torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
-    phases = {k: v / steps for k, v in timer.totals.items()}
+    phases = {k: v / steps for k, v in totals.items()}
     print(f"wall/step {wall * 1e3:.2f} ms; host phases (ms/step): "
           + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in phases.items()), flush=True)
     engine.step(stream=False)

@@ -24,8 +24,9 @@ from pathlib import Path
 import transformers
 
 try:
-    from benchmarks import throughput
+    from benchmarks import common, throughput
 except ModuleNotFoundError:  # run as `python benchmarks/step_times.py`
+    import common
     import throughput
 
 from pagedserve.replicas.engine.model_runner import ModelRunner
@@ -58,34 +59,10 @@ def timed_steps(records: list[tuple[int, int, float]]):
         ModelRunner.execute_async = launch
 
 
-@contextlib.contextmanager
-def host_time_split(totals: dict[str, float]):
-    """While open, add the seconds spent in each of a few calls to `totals` (steps stay
-    pipelined): `device_wait` waiting for sampled ids, `publish` sending a step to the other
-    ranks, `launch` launching a step (publish included); `steps` counts launches."""
-    originals = {(cls, name): getattr(cls, name) for cls, name in
-                 ((PendingSample, "result"), (StepBroadcaster, "publish"),
-                  (ModelRunner, "execute_async"))}
-    labels = {"result": "device_wait", "publish": "publish", "execute_async": "launch"}
-
-    def timed(original, label):
-        def call(*a, **kw):
-            start = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
-                if label == "launch":
-                    totals["steps"] = totals.get("steps", 0) + 1
-        return call
-
-    for (cls, name), original in originals.items():
-        setattr(cls, name, timed(original, labels[name]))
-    try:
-        yield
-    finally:
-        for (cls, name), original in originals.items():
-            setattr(cls, name, original)
+# With --overlap: where rank 0's host time goes while steps stay pipelined.
+HOST_SPLIT = [(PendingSample, "result", "device_wait"),  # waiting for sampled ids
+              (StepBroadcaster, "publish", "publish"),  # sending a step to the other ranks
+              (ModelRunner, "execute_async", "launch")]  # launching a step, publish included
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,8 +89,10 @@ def timed_run(args, model_dir: Path, tensor_parallel_size: int, instrument):
 
 def report_overlap(args, model_dir: Path, tensor_parallel_size: int) -> None:
     totals: dict[str, float] = {}
-    counts, wall = timed_run(args, model_dir, tensor_parallel_size, host_time_split(totals))
-    steps = max(1, totals.get("steps", 0))
+    calls: dict[str, int] = {}
+    counts, wall = timed_run(args, model_dir, tensor_parallel_size,
+                             common.timed_calls(HOST_SPLIT, totals, calls))
+    steps = max(1, calls.get("launch", 0))
     print(f"{sum(counts)} tokens in {wall:.2f} s = {sum(counts) / wall:.1f} tok/s, {steps} steps, "
           f"{1000 * wall / steps:.2f} ms a step")
     for label in ("device_wait", "launch", "publish"):

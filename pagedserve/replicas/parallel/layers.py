@@ -60,8 +60,8 @@ class TensorParallel:
         one_shot = None
         try:
             if symmetric_all_reduce.available():
-                one_shot = SymmetricAllReduce(self.device)
-                one_shot(torch.zeros(64, dtype=dtype, device=self.device))  # sets its buffer up
+                one_shot = SymmetricAllReduce(self.device, dtype)
+                one_shot(torch.zeros(64, dtype=dtype, device=self.device))  # the kernel runs here
         except Exception as err:  # no peer access between these GPUs, an older torch, ...
             logger.warning("symmetric-memory all-reduce unavailable, using NCCL: %r", err)
             one_shot = None

@@ -15,13 +15,10 @@ identical results.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 MAX_BYTES = 4 * 2**20  # one-shot reads every peer's whole buffer: it wins only for small tensors
 
@@ -40,38 +37,34 @@ def available() -> bool:
 
 
 class SymmetricAllReduce:
-    """One symmetric buffer per dtype on this rank's GPU; `__call__` sums `x` over the group."""
+    """A symmetric buffer of `dtype` on this rank's GPU; `__call__` sums `x` over the group.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    Making one is collective (the buffers' rendezvous): every rank makes it at the same point.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
         self.group_name = dist.group.WORLD.group_name
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+        size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()
+        self.buffer: torch.Tensor | None = symm_mem.empty(size, dtype=dtype, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
 
     def fits(self, x: torch.Tensor) -> bool:
-        """`x` can go through a buffer already set up (the kernel needs 4-byte multiples)."""
+        """`x` can go through the buffer (its dtype; the kernel needs 4-byte multiples)."""
         nbytes = x.numel() * x.element_size()
-        return (x.dtype in self.buffers and x.is_cuda and x.is_contiguous()
-                and nbytes <= MAX_BYTES and nbytes % 4 == 0)
+        return (self.buffer is not None and x.dtype == self.buffer.dtype and x.is_cuda
+                and x.is_contiguous() and nbytes <= MAX_BYTES and nbytes % 4 == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in a new tensor (`x` is left as it was)."""
         flat = x.view(-1)
-        slot = self._buffer(x.dtype)[: flat.numel()]
+        slot = self.buffer[: flat.numel()]
         slot.copy_(flat)
         out = torch.empty_like(flat)
         torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", self.group_name, out)
         return out.view_as(x)
 
     def release(self) -> None:
-        """Drop the buffers (before the process group is destroyed)."""
-        self.buffers.clear()
-
-    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self.buffers:  # collective: only from use_one_shot_all_reduce
-            import torch.distributed._symmetric_memory as symm_mem
-
-            size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()
-            buffer = symm_mem.empty(size, dtype=dtype, device=self.device)
-            symm_mem.rendezvous(buffer, self.group_name)
-            self.buffers[dtype] = buffer
-        return self.buffers[dtype]
+        """Drop the buffer (before the process group is destroyed)."""
+        self.buffer = None

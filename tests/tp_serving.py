@@ -1,7 +1,7 @@
 """A served tensor-parallel app, and killing one of its rank actors under load.
 
 Shared by the CPU test (gloo, tests/unit/test_tp_rank_failure.py) and the GPU one (NCCL, two
-GPUs, tests/gpu/test_tp_gpu.py): the scenario and what it must show are the same.
+GPUs, tests/gpu/test_tp_serving_gpu.py): the scenario and what it must show are the same.
 """
 
 from __future__ import annotations

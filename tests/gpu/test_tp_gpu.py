@@ -54,7 +54,7 @@ def greedy_outputs(model_dir, dtype: str, tp: int, enforce_eager: bool = False) 
     """Greedy completions of `make_prompts()`; prints the start-up phases (run with -s).
 
     `max_num_seqs` is the prompt count, so only the few decode graphs these steps use are
-    captured: an 8B-shaped float32 model otherwise spends most of the test capturing.
+    captured, not one for every batch size up to the default 256.
     """
     started = time.perf_counter()
     llm = LLM(str(model_dir), dtype=dtype, device="cuda", tensor_parallel_size=tp,

@@ -4,8 +4,9 @@
 
 Per decode batch size: the time of one all-reduce of [batch, hidden] bfloat16 replayed in a CUDA
 graph (as a decode step runs them; a step has 2 per layer), with NCCL and, where this torch has
-it, with a symmetric-memory one-shot all-reduce; and the host time of rank 0's step control (a
-gloo broadcast of the header and of the step's flat inputs, their size at that batch).
+it, with a symmetric-memory one-shot all-reduce; and the host time of rank 0's step control (one
+write of the header and the step's flat inputs, their size at that batch, into rank 1's step
+pipe, which rank 1 reads meanwhile).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from pagedserve.replicas.parallel import step_pipes
 
 BATCHES = (1, 8, 32, 128, 256)
 REPLAYS = 20
@@ -64,22 +68,31 @@ def one_shot_op(group_name: str, hidden: int, max_batch: int):
     return op
 
 
-def control_time_us(control, batch: int, table_width: int, reps: int = 200) -> float:
-    """Rank 0's host microseconds per step to broadcast a header and a step's flat inputs."""
-    header = torch.zeros(17, dtype=torch.int64)
-    flat = torch.zeros(batch * (6 + table_width) + 1, dtype=torch.int64)
-    dist.barrier(group=control)
-    start = time.perf_counter()
-    for _ in range(reps):
-        dist.broadcast(header, src=0, group=control)
-        dist.broadcast(flat, src=0, group=control)
-    return (time.perf_counter() - start) / reps * 1e6
+def control_time_us(rank: int, batch: int, table_width: int, reps: int = 200) -> float:
+    """Rank 0's host microseconds per step to send a header and a step's flat inputs."""
+    message = np.zeros(17 + batch * (6 + table_width) + 1, dtype=np.int64)
+    if rank == 0:
+        pipes = step_pipes.open_writers(2)
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(reps):
+            pipes.send(message)
+        elapsed = time.perf_counter() - start
+        pipes.close()
+    else:
+        pipe = step_pipes.open_reader(1)
+        dist.barrier()
+        for _ in range(reps):
+            pipe.receive(len(message))
+        pipe.close()
+        elapsed = 0.0
+    dist.barrier()
+    return elapsed / reps * 1e6
 
 
 def worker(rank: int, args, init: str, out: dict) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init, rank=rank, world_size=2)
-    control = dist.new_group(backend="gloo")
     group_name = dist.group.WORLD.group_name
     one_shot = one_shot_op(group_name, args.hidden, max(BATCHES))
     reps = 2 * args.layers
@@ -90,7 +103,7 @@ def worker(rank: int, args, init: str, out: dict) -> None:
                "nccl_us": graph_time_us(dist.all_reduce, x, reps)}
         if one_shot is not None:
             row["one_shot_us"] = graph_time_us(one_shot, x, reps)
-        row["control_us"] = control_time_us(control, batch, args.table_width)
+        row["control_us"] = control_time_us(rank, batch, args.table_width)
         rows.append(row)
     if rank == 0:
         out["rows"] = rows

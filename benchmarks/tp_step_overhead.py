@@ -4,11 +4,11 @@
     python benchmarks/tp_step_overhead.py --device cuda    # NCCL, one GPU per rank
 
 Each iteration is what a decode step of `--batch` sequences costs beyond the model: rank 0
-publishes the step's header and flat inputs (`StepBroadcaster.publish`, host to host over
-gloo) and, on GPUs, later its sampled ids (`share_tokens`, NCCL); the other ranks receive them. A one-element all-reduce per iteration
-stands for the model's first collective, which keeps the ranks in lockstep as a real step
-does; the same loop with only that all-reduce is timed too, and the difference is the
-overhead of the control broadcast. For comparison, a Ray actor call round trip (what a
+publishes the step's header and flat inputs (`StepBroadcaster.publish`, one write into each
+other rank's step pipe) and, on GPUs, later its sampled ids (`share_tokens`, NCCL); the other
+ranks receive them. A one-element all-reduce per iteration stands for the model's first
+collective, which keeps the ranks in lockstep as a real step does; the same loop with only that
+all-reduce is timed too, and the difference is the overhead of the step control. For comparison, a Ray actor call round trip (what a
 per-rank Ray task per step would cost at least) is timed when Ray is installed.
 """
 

@@ -72,7 +72,9 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids)
         with self.timer.phase("cuda_graphs"):
             self.graphs = self._capture_graphs()
+        # the step pipes: a collective, at the same point on every rank
         self.broadcaster = StepBroadcaster(tp) if tp is not None and tp.rank == 0 else None
+        self.receiver = StepReceiver(tp) if tp is not None and tp.rank > 0 else None
         self._prev_tokens: torch.Tensor | None = None  # last step's sampled ids, on the device
         self._prev_rows: dict[int, int] = {}  # seq_id -> row of that tensor
 
@@ -104,11 +106,14 @@ class ModelRunner:
     @torch.inference_mode()
     def follow(self) -> None:
         """A rank > 0's loop: compute every step rank 0 publishes, until it says stop."""
-        receiver = StepReceiver(self.tp)
-        while (step := receiver.receive()) is not None:
-            logits = self._forward(step.inputs, step.num_seqs, step.graph_size)
-            if logits is not None and step.ids_follow:  # rank 0 samples; a later decode may
-                self._prev_tokens = receiver.receive_tokens(logits.shape[0])  # read these ids
+        receiver = self.receiver
+        try:
+            while (step := receiver.receive()) is not None:
+                logits = self._forward(step.inputs, step.num_seqs, step.graph_size)
+                if logits is not None and step.ids_follow:  # rank 0 samples; a later decode
+                    self._prev_tokens = receiver.receive_tokens(logits.shape[0])  # reads them
+        finally:
+            receiver.close()
 
     def stop_followers(self) -> None:
         """Rank 0: end the other ranks' `follow` loops."""

@@ -28,10 +28,7 @@ def join_group(init_method: str, rank: int, size: int, device: torch.device) -> 
     timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=timeout)
-    # Step control travels host to host (gloo) even on GPUs: a follower then gets the next
-    # step's inputs while the GPU still runs this one, instead of after its NCCL stream drains.
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
-    return TensorParallel(rank, size, device, control)
+    return TensorParallel(rank, size, device)
 
 
 def leave_group(tp: TensorParallel | None = None) -> None:

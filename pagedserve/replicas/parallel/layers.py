@@ -34,15 +34,12 @@ logger = logging.getLogger(__name__)
 class TensorParallel:
     """This process's place in a tensor-parallel group: `rank` of `size` ranks on `device`.
 
-    `control_group` carries host-side control messages (gloo); None means the default group
-    (already gloo on CPU). `one_shot`, set by `use_one_shot_all_reduce`, takes the small
-    all-reduces on GPUs.
+    `one_shot`, set by `use_one_shot_all_reduce`, takes the small all-reduces on GPUs.
     """
 
     rank: int
     size: int
     device: torch.device
-    control_group: object | None = None
     one_shot: SymmetricAllReduce | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

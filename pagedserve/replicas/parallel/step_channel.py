@@ -1,11 +1,14 @@
-"""Per-step control of a tensor-parallel group: rank 0 broadcasts, the other ranks follow.
+"""Per-step control of a tensor-parallel group: rank 0 sends each step, the other ranks follow.
 
 Rank 0 runs the scheduler and builds the step's flat input array (see `step_inputs.upload`);
-the other ranks need exactly that array. Each step costs two host-side broadcasts inside the
-group (gloo): a fixed-size header (what to do, the layout of the inputs) and the flat inputs.
-On a GPU, where the engine launches a step before the previous one's sampled ids reach the
-host, rank 0 also broadcasts those ids on the device (NCCL), since a later decode reads them
-there. No Ray call and no round trip per rank per step.
+the other ranks need exactly that array. The ranks of a group share one host (a replica's
+placement group is STRICT_PACK; offline they are child processes), so each step travels
+through one pipe per follower (`step_pipes`): a fixed-size header (what to do, the layout of
+the inputs) and the flat inputs, in one write. The write returns once the bytes are in the
+pipe, so rank 0 never waits for a follower to be ready; a follower sleeps in `read` until a
+step arrives. On a GPU, where the engine launches a step before the previous one's sampled
+ids reach the host, rank 0 also broadcasts those ids on the device (NCCL), since a later
+decode reads them there. No Ray call and no round trip per rank per step.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.replicas.engine.step_inputs import DeviceInputs, FlatLayout, HostInputs
+from pagedserve.replicas.parallel import step_pipes
 from pagedserve.replicas.parallel.layers import TensorParallel
 
 _STEP, _STOP = 1, 2
@@ -30,29 +34,33 @@ def shares_sampled_ids(tp: TensorParallel) -> bool:
 
 
 class StepBroadcaster:
-    """Rank 0's end: publish each step's inputs, then its sampled ids; `stop` ends the followers."""
+    """Rank 0's end: publish each step's inputs, then its sampled ids; `stop` ends the followers.
+
+    Making one opens the pipes: a collective, matched by each follower making its
+    `StepReceiver`.
+    """
 
     def __init__(self, tp: TensorParallel) -> None:
         self.tp = tp
         self.share_ids = shares_sampled_ids(tp)
+        self.pipes = step_pipes.open_writers(tp.size)
 
     def publish(self, host: HostInputs, inputs: DeviceInputs, graph_size: int | None) -> None:
         layout = inputs.layout
-        self._send_header([_STEP, host.num_seqs, host.num_decodes, host.max_query_len,
-                           graph_size or 0, int(self.share_ids), *layout.table_shape,
-                           *layout.lengths])
-        dist.broadcast(inputs.host_flat, src=0, group=self.tp.control_group)
+        header = [_STEP, host.num_seqs, host.num_decodes, host.max_query_len, graph_size or 0,
+                  int(self.share_ids), *layout.table_shape, *layout.lengths]
+        self.pipes.send(np.concatenate([np.array(header, np.int64), inputs.host_flat.numpy()]))
 
     def share_tokens(self, tokens: torch.Tensor) -> None:
         if self.share_ids:
             dist.broadcast(tokens.contiguous(), src=0)
 
     def stop(self) -> None:
-        self._send_header([_STOP] + [0] * (_HEADER_LEN - 1))
-
-    def _send_header(self, values: list[int]) -> None:
-        header = torch.from_numpy(np.array(values, np.int64))
-        dist.broadcast(header, src=0, group=self.tp.control_group)
+        """Tell the followers to stop, then close the pipes (their `receive` returns None)."""
+        try:
+            self.pipes.send(np.array([_STOP] + [0] * (_HEADER_LEN - 1), np.int64))
+        finally:
+            self.pipes.close()
 
 
 class FollowedStep:
@@ -65,21 +73,23 @@ class FollowedStep:
 
 
 class StepReceiver:
-    """A rank > 0's end: wait for the next step's inputs (None when rank 0 said stop)."""
+    """A rank > 0's end: wait for the next step's inputs (None when rank 0 said stop).
+
+    Raises `step_pipes.PeerGone` if rank 0 went away without saying stop.
+    """
 
     def __init__(self, tp: TensorParallel) -> None:
         self.tp = tp
+        self.pipe = step_pipes.open_reader(tp.rank)
 
     def receive(self) -> FollowedStep | None:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.tp.control_group)
-        values = header.tolist()
+        values = self.pipe.receive(_HEADER_LEN).tolist()
         if values[0] == _STOP:
+            self.pipe.close()
             return None
         _, num_seqs, num_decodes, max_query_len, graph_size, ids_follow, rows, width = values[:8]
         layout = FlatLayout(values[8:], (rows, width))
-        host_flat = torch.empty(sum(layout.lengths), dtype=torch.int64)
-        dist.broadcast(host_flat, src=0, group=self.tp.control_group)
+        host_flat = torch.from_numpy(self.pipe.receive(sum(layout.lengths)))
         inputs = layout.views(host_flat, num_decodes, max_query_len, self.tp.device)
         return FollowedStep(inputs, num_seqs, graph_size or None, bool(ids_follow))
 
@@ -87,3 +97,6 @@ class StepReceiver:
         tokens = torch.empty(count, dtype=torch.int64, device=self.tp.device)
         dist.broadcast(tokens, src=0)
         return tokens
+
+    def close(self) -> None:
+        self.pipe.close()

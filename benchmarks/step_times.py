@@ -29,8 +29,9 @@ except ModuleNotFoundError:  # run as `python benchmarks/step_times.py`
     import common
     import throughput
 
+from pagedserve.replicas.engine import step_inputs
 from pagedserve.replicas.engine.model_runner import ModelRunner
-from pagedserve.replicas.engine.sampler import PendingSample
+from pagedserve.replicas.engine.sampler import PendingSample, Sampler
 from pagedserve.replicas.parallel.step_channel import StepBroadcaster
 
 
@@ -61,8 +62,37 @@ def timed_steps(records: list[tuple[int, int, float]]):
 
 # With --overlap: where rank 0's host time goes while steps stay pipelined.
 HOST_SPLIT = [(PendingSample, "result", "device_wait"),  # waiting for sampled ids
-              (StepBroadcaster, "publish", "publish"),  # sending a step to the other ranks
-              (ModelRunner, "execute_async", "launch")]  # launching a step, publish included
+              (ModelRunner, "execute_async", "launch"),  # launching a step; the parts below
+              (step_inputs, "prepare", "prepare"),  # flattening the batch (numpy)
+              (step_inputs, "upload", "upload"),  # pinning it and queueing the copy
+              (StepBroadcaster, "publish", "publish"),  # sending it to the other ranks
+              (ModelRunner, "_forward", "forward"),  # queueing the model (graph or eager)
+              (Sampler, "sample_async", "sample"),  # queueing logits to ids
+              (StepBroadcaster, "share_tokens", "share_ids"),  # sending the ids (NCCL)
+              (PendingSample, "__init__", "ids_to_host")]  # queueing their copy to the host
+LAUNCH_PARTS = ("prepare", "upload", "publish", "forward", "sample", "share_ids", "ids_to_host")
+
+
+@contextlib.contextmanager
+def launch_of_prefill_steps(totals: dict[str, float], calls: dict[str, int]):
+    """While open, also add the launch time of steps that carry prefill tokens under "prefill"."""
+    launch = ModelRunner.execute_async
+
+    def execute(self, batch):
+        if not any(s.num_tokens > 1 for s in batch.scheduled):
+            return launch(self, batch)
+        start = time.perf_counter()
+        try:
+            return launch(self, batch)
+        finally:
+            totals["prefill"] = totals.get("prefill", 0.0) + time.perf_counter() - start
+            calls["prefill"] = calls.get("prefill", 0) + 1
+
+    ModelRunner.execute_async = execute
+    try:
+        yield
+    finally:
+        ModelRunner.execute_async = launch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,18 +117,27 @@ def timed_run(args, model_dir: Path, tensor_parallel_size: int, instrument):
         generate.close()
 
 
+@contextlib.contextmanager
+def host_split(totals: dict[str, float], calls: dict[str, int]):
+    """While open, add up rank 0's host time by `HOST_SPLIT` label, and prefill steps' launch."""
+    with launch_of_prefill_steps(totals, calls), common.timed_calls(HOST_SPLIT, totals, calls):
+        yield
+
+
 def report_overlap(args, model_dir: Path, tensor_parallel_size: int) -> None:
     totals: dict[str, float] = {}
     calls: dict[str, int] = {}
-    counts, wall = timed_run(args, model_dir, tensor_parallel_size,
-                             common.timed_calls(HOST_SPLIT, totals, calls))
+    counts, wall = timed_run(args, model_dir, tensor_parallel_size, host_split(totals, calls))
     steps = max(1, calls.get("launch", 0))
     print(f"{sum(counts)} tokens in {wall:.2f} s = {sum(counts) / wall:.1f} tok/s, {steps} steps, "
           f"{1000 * wall / steps:.2f} ms a step")
-    for label in ("device_wait", "launch", "publish"):
+    for label in ("device_wait", "launch", *LAUNCH_PARTS):
         seconds = totals.get(label, 0.0)
-        print(f"  {label}: {seconds:.2f} s ({100 * seconds / wall:.0f}% of wall, "
+        indent = "    " if label in LAUNCH_PARTS else "  "
+        print(f"{indent}{label}: {seconds:.2f} s ({100 * seconds / wall:.0f}% of wall, "
               f"{1000 * seconds / steps:.3f} ms a step)")
+    prefill_steps = calls.get("prefill", 0)
+    print(f"  launch of the {prefill_steps} steps with prefill: {totals.get('prefill', 0.0):.2f} s")
     rest = wall - totals.get("device_wait", 0.0) - totals.get("launch", 0.0)
     print(f"  rest of the host (scheduling, outputs): {rest:.2f} s "
           f"({1000 * rest / steps:.3f} ms a step)")

@@ -1,6 +1,7 @@
 """Where a decode step's time goes on a GPU, and the memory-bandwidth floor of the workload.
 
     python benchmarks/profile_decode.py [--model-shape 1b] [--batch 256] [--tensor-parallel-size 2]
+        [--kernels 15]
 
 Measures: device copy bandwidth; at a full decode batch, the GPU time of one step (graph replay,
 logits, sampling; CUDA events) and of the same step run eagerly, and the host time of each phase
@@ -99,6 +100,30 @@ def decode_batch_of(engine, allocate: bool = False):
     return SchedulerOutput([ScheduledSeq(s, 1) for s in seqs])
 
 
+def print_top_kernels(engine, top: int, steps: int = 10) -> None:
+    """Device time a step of this process's costliest kernels (graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step(stream=False)
+        torch.cuda.synchronize()
+    rows = [(_device_us(e), e.count, e.key) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[0] > 0), reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"device time of rank 0's kernels: {total / steps / 1e3:.2f} ms a step")
+    for us, count, name in rows[:top]:
+        print(f"  {us / steps:9.1f} us {count / steps:6.1f}x  {name[:90]}")
+
+
+def _device_us(event) -> float:
+    """An event's own device microseconds (the attribute's name differs across torch versions)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
 def workload_floor(wl, weight_bytes: int, kv_bytes_per_token: int, bw: float) -> dict:
     """Decode time if every step read only the weights and the live KV once, at `bw`."""
     total_s, steps = 0.0, max(wl.output_lens)
@@ -115,6 +140,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--out", type=Path)
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also print rank 0's N costliest kernels a step (torch profiler)")
     args = p.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
@@ -145,6 +172,8 @@ def main() -> None:
     phases = {k: v / steps for k, v in totals.items()}
     print(f"wall/step {wall * 1e3:.2f} ms; host phases (ms/step): "
           + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in phases.items()), flush=True)
+    if args.kernels:
+        print_top_kernels(engine, args.kernels)
     engine.step(stream=False)
     engine.overlap_steps = False  # the same steps without pipelining, for comparison
     engine.step(stream=False)

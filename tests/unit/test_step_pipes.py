@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import glob
-import multiprocessing
 import os
 import tempfile
 
 import numpy as np
 import pytest
 import torch.distributed as dist
+from two_ranks import run_two_ranks
 
 from pagedserve.replicas.parallel import step_pipes
-from pagedserve.replicas.parallel.rendezvous import rendezvous_address
 
 SMALL = np.arange(17, dtype=np.int64)
 LARGE = np.arange(3 * step_pipes.PIPE_BYTES // 8, dtype=np.int64) * 7  # 3x a pipe's buffer
-
-
-def _rank_main(rank: int, init_method: str, scenario: str, results) -> None:
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
-    try:
-        results.put((rank, globals()[f"_{scenario}"](rank)))
-    except Exception as err:
-        results.put((rank, f"unexpected {err!r}"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _messages_arrive_then_end_of_file(rank: int):
@@ -60,20 +49,7 @@ def _closed_reader_fails_the_writer(rank: int):
 
 
 def _run(scenario: str) -> dict[int, str]:
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init_method = rendezvous_address()
-    procs = [ctx.Process(target=_rank_main, args=(r, init_method, scenario, results))
-             for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        return dict(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    return run_two_ranks(globals()[f"_{scenario}"])
 
 
 def _leftovers() -> set[str]:

@@ -13,7 +13,7 @@ from pagedserve.kernels.triton_checks import supports_attention
 from pagedserve.replicas.engine import step_inputs
 from pagedserve.replicas.engine.cuda_graphs import DecodeGraphs
 from pagedserve.replicas.engine.kv_sizing import profile_peak_bytes
-from pagedserve.replicas.engine.sampler import PendingSample, Sampler, SampleResult
+from pagedserve.replicas.engine.sampler import PendingSample, Sampler, SampleResult, plain_greedy
 from pagedserve.replicas.engine.scheduler import SchedulerOutput
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.replicas.models.loader import load_model
@@ -90,15 +90,20 @@ class ModelRunner:
         graph_size = self._graph_size(batch)
         host = step_inputs.prepare(batch, self.block_size, self._prev_rows, pad_to=graph_size)
         inputs = step_inputs.upload(host, self.device)
-        if self.broadcaster is not None:
-            self.broadcaster.publish(host, inputs, graph_size)
-        logits = self._forward(inputs, host.num_seqs, graph_size)
-        if logits is None:
-            return None
         sampled = [s.seq for s in batch.scheduled if s.samples]
-        pending = self.sampler.sample_async(logits, sampled)
+        # under tensor parallelism every rank then works out the ids itself (`greedy_ids`)
+        greedy = self.tp is not None and plain_greedy(sampled)
         if self.broadcaster is not None:
-            self.broadcaster.share_tokens(pending.tokens)
+            self.broadcaster.publish(host, inputs, graph_size, greedy)
+        hidden = self._forward(inputs, host.num_seqs, graph_size)
+        if hidden is None:
+            return None
+        if greedy:
+            pending = PendingSample(self.model.greedy_ids(hidden), None, sampled)
+        else:
+            pending = self.sampler.sample_async(self.model.compute_logits(hidden), sampled)
+            if self.broadcaster is not None:
+                self.broadcaster.share_tokens(pending.tokens)
         self._prev_tokens = pending.tokens
         self._prev_rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
         return pending
@@ -109,9 +114,15 @@ class ModelRunner:
         receiver = self.receiver
         try:
             while (step := receiver.receive()) is not None:
-                logits = self._forward(step.inputs, step.num_seqs, step.graph_size)
-                if logits is not None and step.ids_follow:  # rank 0 samples; a later decode
-                    self._prev_tokens = receiver.receive_tokens(logits.shape[0])  # reads them
+                hidden = self._forward(step.inputs, step.num_seqs, step.graph_size)
+                if hidden is None:
+                    continue
+                if step.greedy:  # the same ids as rank 0's, which a later decode may read
+                    self._prev_tokens = self.model.greedy_ids(hidden)
+                    continue
+                self.model.compute_logits(hidden)  # rank 0 samples from the gathered logits
+                if step.ids_follow:
+                    self._prev_tokens = receiver.receive_tokens(hidden.shape[0])
         finally:
             receiver.close()
 
@@ -129,7 +140,7 @@ class ModelRunner:
 
     def _forward(self, inputs: step_inputs.DeviceInputs, num_seqs: int,
                  graph_size: int | None) -> torch.Tensor | None:
-        """The step's logits at its sampling rows (None if no sequence samples)."""
+        """The step's final hidden states at its sampling rows (None if no sequence samples)."""
         if len(inputs.fill_rows):  # decode inputs sampled by the step still in flight
             inputs.ids.index_copy_(0, inputs.fill_rows,
                                    self._prev_tokens.index_select(0, inputs.fill_from))
@@ -142,7 +153,7 @@ class ModelRunner:
             return None
         if num_sampled != num_seqs or graph_size is None:
             hidden = hidden[inputs.sample_rows]
-        return self.model.compute_logits(hidden)
+        return hidden
 
     def kv_cache_bytes_per_block(self) -> int:
         spec = self.spec

@@ -102,6 +102,13 @@ class PendingSample:
         return SampleResult(token_list, _gather_logprobs(self.raw_logprobs, token_list, self.seqs))
 
 
+def plain_greedy(seqs: list[Sequence]) -> bool:
+    """Every sequence takes the most likely token, with no penalty, stop block or logprobs:
+    their ids depend on nothing but each row's argmax."""
+    return all(s.params.greedy and s.params.logprobs is None and not _edits_logits(s)
+               for s in seqs)
+
+
 def _edits_logits(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)

@@ -178,6 +178,14 @@ class LlamaForCausalLM(nn.Module):
             logits = self.lm_head.gather(logits)
         return logits.float()
 
+    def greedy_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`compute_logits(hidden).argmax(-1)`; under tensor parallelism without gathering the
+        vocabulary (a collective, like `compute_logits`: every rank gets the ids)."""
+        logits = self._local_logits(hidden)
+        if self.tp is not None:
+            return self.lm_head.argmax(logits)
+        return logits.float().argmax(dim=-1)
+
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.is_cuda or self.lm_head.packed is not None:
             return self.lm_head(hidden)

@@ -75,6 +75,12 @@ class TensorParallel:
             self.one_shot.release()
             self.one_shot = None
 
+    def stack_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x`, stacked in rank order: [size, *x.shape] (the same on all ranks)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along its last dimension (the same result on all ranks)."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
@@ -179,6 +185,21 @@ class ParallelLMHead(Linear):
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_last_dim(local_logits)[:, : self.vocab_size]
+
+    def argmax(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax over the whole vocabulary, without gathering the logits: the same
+        ids, on every rank, as `gather(...).float().argmax(-1)` (the first maximum wins).
+
+        Each rank sends only its shard's best (value, id) per row; the float32 value is exact
+        for bf16 and fp16 logits, and ids below 2**24 are exact in float32.
+        """
+        start = self.tp.rank * self.out_features
+        valid = local_logits[:, : max(1, self.vocab_size - start)]  # not the padded rows
+        ids = valid.argmax(dim=-1, keepdim=True)
+        best = torch.cat([valid.gather(1, ids).float(), (ids + start).float()], dim=1)
+        every = self.tp.stack_over_ranks(best)  # [ranks, rows, (value, id)]
+        rank = every[..., 0].argmax(dim=0, keepdim=True)  # ties: the lowest rank, lowest id
+        return every[..., 1].gather(0, rank).squeeze(0).long()
 
 
 def column_linear(in_features: int, out_features: int, bias: bool,

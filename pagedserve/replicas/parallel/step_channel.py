@@ -7,8 +7,10 @@ through one pipe per follower (`step_pipes`): a fixed-size header (what to do, t
 the inputs) and the flat inputs, in one write. The write returns once the bytes are in the
 pipe, so rank 0 never waits for a follower to be ready; a follower sleeps in `read` until a
 step arrives. On a GPU, where the engine launches a step before the previous one's sampled
-ids reach the host, rank 0 also broadcasts those ids on the device (NCCL), since a later
-decode reads them there. No Ray call and no round trip per rank per step.
+ids reach the host, a later decode reads those ids on the device, so every rank needs them
+there: when every sequence of the step is plainly greedy, each rank works them out itself
+(`greedy_ids`, which exchanges one (value, id) pair a row instead of the logits); otherwise
+rank 0 samples and broadcasts them (NCCL). No Ray call and no round trip per rank per step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pagedserve.replicas.parallel.layers import TensorParallel
 _STEP, _STOP = 1, 2
 _NUM_ARRAYS = 9  # the arrays of FlatLayout.lengths
 # kind, num_seqs, num_decodes, max_query_len, graph size (0: eager), ids follow (0/1),
-# table rows, table width, then the nine lengths
-_HEADER_LEN = 8 + _NUM_ARRAYS
+# greedy ids on every rank (0/1), table rows, table width, then the nine lengths
+_HEADER_LEN = 9 + _NUM_ARRAYS
 
 
 def shares_sampled_ids(tp: TensorParallel) -> bool:
@@ -45,10 +47,13 @@ class StepBroadcaster:
         self.share_ids = shares_sampled_ids(tp)
         self.pipes = step_pipes.open_writers(tp.size)
 
-    def publish(self, host: HostInputs, inputs: DeviceInputs, graph_size: int | None) -> None:
+    def publish(self, host: HostInputs, inputs: DeviceInputs, graph_size: int | None,
+                greedy: bool = False) -> None:
+        """Send a step; `greedy`: every rank works its ids out (`greedy_ids`), none are shared."""
         layout = inputs.layout
         header = [_STEP, host.num_seqs, host.num_decodes, host.max_query_len, graph_size or 0,
-                  int(self.share_ids), *layout.table_shape, *layout.lengths]
+                  int(self.share_ids and not greedy), int(greedy), *layout.table_shape,
+                  *layout.lengths]
         self.pipes.send(np.concatenate([np.array(header, np.int64), inputs.host_flat.numpy()]))
 
     def share_tokens(self, tokens: torch.Tensor) -> None:
@@ -67,9 +72,9 @@ class FollowedStep:
     """One step as a follower rank receives it."""
 
     def __init__(self, inputs: DeviceInputs, num_seqs: int, graph_size: int | None,
-                 ids_follow: bool) -> None:
+                 ids_follow: bool, greedy: bool) -> None:
         self.inputs, self.num_seqs, self.graph_size = inputs, num_seqs, graph_size
-        self.ids_follow = ids_follow
+        self.ids_follow, self.greedy = ids_follow, greedy
 
 
 class StepReceiver:
@@ -87,11 +92,12 @@ class StepReceiver:
         if values[0] == _STOP:
             self.pipe.close()
             return None
-        _, num_seqs, num_decodes, max_query_len, graph_size, ids_follow, rows, width = values[:8]
-        layout = FlatLayout(values[8:], (rows, width))
+        _, num_seqs, num_decodes, max_query_len, graph_size, ids_follow, greedy, rows, width = (
+            values[:9])
+        layout = FlatLayout(values[9:], (rows, width))
         host_flat = torch.from_numpy(self.pipe.receive(sum(layout.lengths)))
         inputs = layout.views(host_flat, num_decodes, max_query_len, self.tp.device)
-        return FollowedStep(inputs, num_seqs, graph_size or None, bool(ids_follow))
+        return FollowedStep(inputs, num_seqs, graph_size or None, bool(ids_follow), bool(greedy))
 
     def receive_tokens(self, count: int) -> torch.Tensor:
         tokens = torch.empty(count, dtype=torch.int64, device=self.tp.device)

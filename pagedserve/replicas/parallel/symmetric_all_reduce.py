@@ -49,20 +49,28 @@ class SymmetricAllReduce:
         size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()
         self.buffer: torch.Tensor | None = symm_mem.empty(size, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
+        # newer kernels copy the input into this rank's buffer themselves: one launch less
+        self.copies_in_kernel = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
 
     def fits(self, x: torch.Tensor) -> bool:
-        """`x` can go through the buffer (its dtype; the kernel needs 4-byte multiples)."""
+        """`x` can go through the buffer: its dtype, 4-byte multiples and, so that the kernel
+        can read it where it lies, 16-byte aligned like the buffer."""
         nbytes = x.numel() * x.element_size()
         return (self.buffer is not None and x.dtype == self.buffer.dtype and x.is_cuda
-                and x.is_contiguous() and nbytes <= MAX_BYTES and nbytes % 4 == 0)
+                and x.is_contiguous() and nbytes <= MAX_BYTES and nbytes % 4 == 0
+                and x.data_ptr() % 16 == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in a new tensor (`x` is left as it was)."""
         flat = x.view(-1)
         slot = self.buffer[: flat.numel()]
-        slot.copy_(flat)
         out = torch.empty_like(flat)
-        torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", self.group_name, out)
+        if self.copies_in_kernel:
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(slot, flat, "sum", self.group_name,
+                                                            out)
+        else:
+            slot.copy_(flat)
+            torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", self.group_name, out)
         return out.view_as(x)
 
     def release(self) -> None:

@@ -4,7 +4,8 @@
 
 Per decode batch size: the time of one all-reduce of [batch, hidden] bfloat16 replayed in a CUDA
 graph (as a decode step runs them; a step has 2 per layer), with NCCL and, where this torch has
-it, with a symmetric-memory one-shot all-reduce; and the host time of rank 0's step control (one
+it, with a symmetric-memory one-shot all-reduce (torch's kernel alone, and ours, then followed
+by the residual add + RMSNorm, and fused with them); and the host time of rank 0's step control (one
 write of the header and the step's flat inputs, their size at that batch, into rank 1's step
 pipe, which rank 1 reads meanwhile).
 """
@@ -20,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pagedserve.replicas.parallel import step_pipes
+from pagedserve.replicas.models.fused_ops import add_rms_norm
+from pagedserve.replicas.parallel import step_pipes, symmetric_all_reduce
 
 BATCHES = (1, 8, 32, 128, 256)
 REPLAYS = 20
@@ -68,6 +70,19 @@ def one_shot_op(group_name: str, hidden: int, max_batch: int):
     return op
 
 
+def norm_times_us(ours, x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Our all-reduce (`SymmetricAllReduce`), then with the residual add + RMSNorm after it as
+    two kernels, and as the one fused kernel (`add_norm`)."""
+    residual = torch.randn_like(x)
+    weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    return {
+        "ours_us": graph_time_us(ours, x, reps),
+        "ours_then_norm_us": graph_time_us(
+            lambda t: add_rms_norm(ours(t), residual, weight, 1e-5), x, reps),
+        "fused_us": graph_time_us(lambda t: ours.add_norm(t, residual, weight, 1e-5), x, reps),
+    }
+
+
 def control_time_us(rank: int, batch: int, table_width: int, reps: int = 200) -> float:
     """Rank 0's host microseconds per step to send a header and a step's flat inputs."""
     message = np.zeros(17 + batch * (6 + table_width) + 1, dtype=np.int64)
@@ -95,6 +110,9 @@ def worker(rank: int, args, init: str, out: dict) -> None:
     dist.init_process_group("nccl", init_method=init, rank=rank, world_size=2)
     group_name = dist.group.WORLD.group_name
     one_shot = one_shot_op(group_name, args.hidden, max(BATCHES))
+    ours = None
+    if symmetric_all_reduce.available():
+        ours = symmetric_all_reduce.SymmetricAllReduce(torch.device("cuda", rank), torch.bfloat16)
     reps = 2 * args.layers
     rows = []
     for batch in BATCHES:
@@ -103,12 +121,16 @@ def worker(rank: int, args, init: str, out: dict) -> None:
                "nccl_us": graph_time_us(dist.all_reduce, x, reps)}
         if one_shot is not None:
             row["one_shot_us"] = graph_time_us(one_shot, x, reps)
+        if ours is not None:
+            row.update(norm_times_us(ours, x, reps))
         row["control_us"] = control_time_us(rank, batch, args.table_width)
         rows.append(row)
     if rank == 0:
         out["rows"] = rows
         out["device"] = torch.cuda.get_device_name()
         out["torch"] = torch.__version__
+    if ours is not None:
+        ours.release()
     dist.destroy_process_group()
 
 
@@ -128,10 +150,11 @@ def main() -> None:
         mp.spawn(worker, args=(args, init, out), nprocs=2)
         result = dict(out)
     print(json.dumps(result, indent=2))
-    print(f"{'batch':>6} {'bytes':>9} {'nccl us':>8} {'one-shot us':>12} {'control us':>11}")
+    cols = ["nccl_us", "one_shot_us", "ours_us", "ours_then_norm_us", "fused_us", "control_us"]
+    print(f"{'batch':>6} {'bytes':>9} " + " ".join(f"{c[:-3]:>15}" for c in cols) + "  (us)")
     for r in result["rows"]:
-        print(f"{r['batch']:>6} {r['bytes']:>9} {r['nccl_us']:>8.1f} "
-              f"{r.get('one_shot_us', float('nan')):>12.1f} {r['control_us']:>11.1f}")
+        print(f"{r['batch']:>6} {r['bytes']:>9} "
+              + " ".join(f"{r.get(c, float('nan')):>15.1f}" for c in cols))
 
 
 if __name__ == "__main__":

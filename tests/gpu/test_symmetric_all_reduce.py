@@ -1,5 +1,6 @@
 """The one-shot symmetric-memory all-reduce on two GPUs sums exactly like NCCL, also when many
-run back to back inside one CUDA graph (a decode step runs two per layer on one buffer)."""
+run back to back inside one CUDA graph (a decode step runs two per layer on one buffer); the
+fused all-reduce + residual add + RMSNorm agrees with NCCL then `add_norm`, in graphs too."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def _run(rank: int, init: str, failures) -> None:
                 continue
             for shape in SIZES:
                 _check(tp, shape, dtype, rank, failures)
+                _check_add_norm(tp, shape, dtype, rank, failures)
             _check_graph(tp, dtype, rank, failures)
+            _check_add_norm_graph(tp, dtype, rank, failures)
     finally:
         leave_group(tp)
 
@@ -74,6 +77,75 @@ def _check_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
     torch.cuda.synchronize()
     if not torch.equal(out, expected):
         failures.append(f"rank {rank} {dtype} graph chain: max diff {(out - expected).abs().max()}")
+
+
+def _norm(dtype):
+    from pagedserve.replicas.models.layers import RMSNorm
+
+    norm = RMSNorm(4096, 1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 4096))
+    return norm
+
+
+def _same_on_both_ranks(t: torch.Tensor) -> bool:
+    import torch.distributed as dist
+
+    other = t.clone()
+    dist.broadcast(other, src=0)
+    return torch.equal(t, other)
+
+
+def _check_add_norm(tp, shape, dtype, rank, failures) -> None:
+    """The fused all-reduce + residual add + RMSNorm against NCCL then `add_norm`: close (one
+    rounding of the two-rank sum may differ in bf16), and identical on both ranks."""
+    import torch.distributed as dist
+
+    norm = _norm(dtype)
+    x = _inputs(shape, dtype, rank, seed=7 + shape[0])
+    for residual in (None, _inputs(shape, dtype, 0, seed=11)):
+        summed = x.clone()
+        dist.all_reduce(summed)
+        want_out, want_res = norm.add_norm(summed, residual)
+        got_out, got_res = tp.sum_add_norm(x.clone(), residual, norm)
+        tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05,
+                                                                           "rtol": 0.02}
+        tag = f"rank {rank} {dtype} {shape} residual={residual is not None}"
+        for name, got, want in (("out", got_out, want_out), ("residual", got_res, want_res)):
+            if not torch.allclose(got.float(), want.float(), **tol):
+                failures.append(f"{tag} add_norm {name}: max diff {(got - want).abs().max()}")
+            if not _same_on_both_ranks(got):
+                failures.append(f"{tag} add_norm {name}: differs between ranks")
+
+
+def _check_add_norm_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
+    """`chain` dependent fused calls in one CUDA graph equal the same calls run eagerly."""
+    norm = _norm(dtype)
+    x = _inputs((128, 4096), dtype, rank, seed=5)
+
+    def chained(t):
+        residual = None
+        for _ in range(chain):
+            t, residual = tp.sum_add_norm(t, residual, norm)
+        return t, residual
+
+    eager = chained(x.clone())
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chained(static.clone())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chained(static)
+    for _ in range(3):  # replays back to back reuse the buffers and flags
+        graph.replay()
+    torch.cuda.synchronize()
+    for name, got, want in zip(("out", "residual"), out, eager, strict=True):
+        if not torch.equal(got, want):
+            failures.append(f"rank {rank} {dtype} add_norm graph chain {name}: "
+                            f"max diff {(got - want).abs().max()}")
 
 
 def test_one_shot_equals_nccl_on_two_gpus():

@@ -20,6 +20,15 @@ def _tp_size(tp: TensorParallel | None) -> int:
     return 1 if tp is None else tp.size
 
 
+def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+             tp: TensorParallel | None):
+    """`norm.add_norm(x, residual)`; under tensor parallelism `x` is this rank's part of a sum
+    over the ranks (an embedding or row-parallel output), added up first or in the same kernel."""
+    if tp is None:
+        return norm.add_norm(x, residual)
+    return tp.sum_add_norm(x, residual, norm)
+
+
 class Attention(nn.Module):
     """Self-attention with merged QKV, optional per-head q/k norm (Qwen3) and GQA.
 
@@ -112,12 +121,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, tp)
+        self.tp = tp
 
     def forward(self, rope, hidden, residual, meta, kv_cache):
-        """Pre-norm layer; the residual add is fused into the next norm: (output, residual)."""
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        """Pre-norm layer; the residual add is fused into the next norm: (output, residual).
+
+        Under tensor parallelism the input and output are this rank's parts of sums over the
+        ranks, which the norms add up (`add_norm`)."""
+        hidden, residual = add_norm(self.input_layernorm, hidden, residual, self.tp)
         hidden = self.self_attn(rope, hidden, meta, kv_cache)
-        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        hidden, residual = add_norm(self.post_attention_layernorm, hidden, residual, self.tp)
         return self.mlp(hidden), residual
 
 
@@ -128,6 +141,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = parallel.embedding(spec.vocab_size, spec.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(spec, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.tp = tp
 
     def forward(self, input_ids, positions, meta, kv_caches):
         hidden = self.embed_tokens(input_ids)
@@ -135,7 +149,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(rope, hidden, residual, meta, kv_cache)
-        return self.norm.add_norm(hidden, residual)[0]
+        return add_norm(self.norm, hidden, residual, self.tp)[0]
 
 
 _CPU_VOCAB_SLICE = 2048

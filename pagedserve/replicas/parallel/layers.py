@@ -49,6 +49,13 @@ class TensorParallel:
         dist.all_reduce(x)
         return x
 
+    def sum_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm):
+        """`norm.add_norm(sum of x over the ranks, residual)`: one kernel on GPUs where the
+        one-shot buffer holds `x`, else an all-reduce then the norm."""
+        if self.one_shot is not None and self.one_shot.fits_rows(x):
+            return self.one_shot.add_norm(x, residual, norm.weight, norm.eps)
+        return norm.add_norm(self.all_reduce(x), residual)
+
     def use_one_shot_all_reduce(self, dtype: torch.dtype) -> None:
         """Set up the symmetric-memory all-reduce on GPUs (collective: every rank calls it at
         the same point). If it fails on any rank, every rank keeps NCCL."""
@@ -137,7 +144,8 @@ class ColumnParallelLinear(Linear):
 
 
 class RowParallelLinear(Linear):
-    """A linear layer holding `in_features // tp.size` input columns; outputs are summed over ranks."""
+    """A linear layer holding `in_features // tp.size` input columns; each rank's output is a
+    part of a sum over the ranks."""
 
     split_dims = {"weight": 1}  # the bias is whole on every rank and added after the sum
 
@@ -146,8 +154,11 @@ class RowParallelLinear(Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self.product(x, None))
-        return y + self.bias if self.bias is not None else y
+        """This rank's part of the output, whose sum over the ranks is the layer's output; the
+        norm that follows adds the parts up (`TensorParallel.sum_add_norm`), fused with it.
+        The bias is in rank 0's part."""
+        y = self.product(x, None)
+        return y + self.bias if self.bias is not None and self.tp.rank == 0 else y
 
 
 def vocab_shard_size(vocab_size: int, tp_size: int) -> int:
@@ -168,10 +179,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.shard, hidden_size))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the embeddings (zero rows for ids it does not hold), to be
+        summed over the ranks like a row-parallel output."""
         local = ids - self.start
         outside = (local < 0) | (local >= self.shard)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
+        return out.masked_fill_(outside.unsqueeze(-1), 0)
 
 
 class ParallelLMHead(Linear):
@@ -213,7 +226,7 @@ def column_linear(in_features: int, out_features: int, bias: bool,
 
 def row_linear(in_features: int, out_features: int, bias: bool,
                tp: TensorParallel | None) -> Linear:
-    """A `Linear` on one device, a row-parallel one (with its all-reduce) under tensor parallelism."""
+    """A `Linear` on one device, a row-parallel one (each rank an addend) under tensor parallelism."""
     if tp is None:
         return Linear(in_features, out_features, bias=bias)
     return RowParallelLinear(in_features, out_features, bias, tp)

@@ -20,11 +20,18 @@ import os
 import torch
 import torch.distributed as dist
 
+from pagedserve.replicas.parallel import all_reduce_norm
+
 MAX_BYTES = 4 * 2**20  # one-shot reads every peer's whole buffer: it wins only for small tensors
 
 
 def enabled() -> bool:
     return os.environ.get("PAGEDSERVE_TP_ALL_REDUCE", "auto") != "nccl"
+
+
+def fused_enabled() -> bool:
+    """The all-reduce may be fused with the residual add and RMSNorm after it (`=unfused`: not)."""
+    return os.environ.get("PAGEDSERVE_TP_ALL_REDUCE", "auto") == "auto"
 
 
 def available() -> bool:
@@ -48,24 +55,35 @@ class SymmetricAllReduce:
         self.group_name = dist.group.WORLD.group_name
         size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()
         self.buffer: torch.Tensor | None = symm_mem.empty(size, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        # the fused all-reduce + add + norm's flags: zeroed on every rank before any is set
+        self.signals = symm_mem.empty(all_reduce_norm.MAX_PROGRAMS * self.world,
+                                      dtype=torch.int32, device=device).zero_()
+        torch.cuda.synchronize(device)
+        signal_handle = symm_mem.rendezvous(self.signals, self.group_name)
+        self.signal_ptrs = torch.tensor(signal_handle.buffer_ptrs, dtype=torch.int64,
+                                        device=device)
         # newer kernels copy the input into this rank's buffer themselves: one launch less
         self.copies_in_kernel = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
 
     def fits(self, x: torch.Tensor) -> bool:
-        """`x` can go through the buffer: its dtype, 4-byte multiples and, so that the kernel
-        can read it where it lies, 16-byte aligned like the buffer."""
+        """`x` can go through the buffer (its dtype; the kernel needs 4-byte multiples).
+
+        Only what every rank's `x` shares may decide this (shape, dtype), never its address:
+        ranks that chose differently would wait for each other in different collectives.
+        """
         nbytes = x.numel() * x.element_size()
         return (self.buffer is not None and x.dtype == self.buffer.dtype and x.is_cuda
-                and x.is_contiguous() and nbytes <= MAX_BYTES and nbytes % 4 == 0
-                and x.data_ptr() % 16 == 0)
+                and x.is_contiguous() and nbytes <= MAX_BYTES and nbytes % 4 == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in a new tensor (`x` is left as it was)."""
         flat = x.view(-1)
         slot = self.buffer[: flat.numel()]
         out = torch.empty_like(flat)
-        if self.copies_in_kernel:
+        if self.copies_in_kernel and flat.data_ptr() % 16 == 0:  # aligned like the buffer
             torch.ops.symm_mem.one_shot_all_reduce_copy_out(slot, flat, "sum", self.group_name,
                                                             out)
         else:
@@ -73,6 +91,17 @@ class SymmetricAllReduce:
             torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", self.group_name, out)
         return out.view_as(x)
 
+    def fits_rows(self, x: torch.Tensor) -> bool:
+        """`x` ([rows, hidden]) can go through `add_norm`."""
+        return (fused_enabled() and all_reduce_norm.triton is not None and x.dim() == 2
+                and self.fits(x))
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_rms_norm(sum over ranks of x, residual, weight, eps)` in one kernel."""
+        return all_reduce_norm.all_reduce_add_rms_norm(
+            x, residual, weight, eps, self.buffer_ptrs, self.signal_ptrs, self.rank, self.world)
+
     def release(self) -> None:
-        """Drop the buffer (before the process group is destroyed)."""
-        self.buffer = None
+        """Drop the buffers (before the process group is destroyed)."""
+        self.buffer = self.signals = None

@@ -1,6 +1,10 @@
 """TP=2 (NCCL, two GPUs) against TP=1 greedy on a random-weight Llama of Llama-3.1-8B's shape.
 
-    PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py
+    PYTHONPATH=. python -m pytest -q -s -m gpu tests/gpu/test_tp_gpu.py
+
+Each engine runs in a fresh process (`in_fresh_process`), as a server's engine does: a rank 0
+that served an earlier group cannot use symmetric memory with a new rank 1 (one test checks
+that such a second engine still works, on NCCL).
 
 float32 must agree token for token (the all-reduce only reorders float32 sums). bfloat16
 rounds each partial sum, so a near-tie among 128K random logits can flip: tokens may part
@@ -9,8 +13,9 @@ late; the check is the one the bfloat16 CPU test against transformers uses.
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
 import time
+import traceback
 
 import pytest
 import torch
@@ -28,7 +33,9 @@ def write_model(tmp_path_factory, shape: str):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     out = tmp_path_factory.mktemp(f"random-{shape}")
-    return random_model.write_random_llama(out, shape, torch.bfloat16, device="cuda", seed=0)
+    model_dir = random_model.write_random_llama(out, shape, torch.bfloat16, device="cuda", seed=0)
+    torch.cuda.empty_cache()  # the engines run in other processes: leave them this GPU's memory
+    return model_dir
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +54,58 @@ def make_prompts() -> list[list[int]]:
 
 
 def _greedy(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list[list[int]]:
-    return [c.token_ids for c in greedy_outputs(model_dir, dtype, tp, enforce_eager)]
+    completions = in_fresh_process(greedy_completions, str(model_dir), dtype, tp, enforce_eager)
+    return [ids for ids, _ in completions]
 
 
-def greedy_outputs(model_dir, dtype: str, tp: int, enforce_eager: bool = False) -> list:
-    """Greedy completions of `make_prompts()`; prints the start-up phases (run with -s).
+def in_fresh_process(function, *args, timeout_s: float = 420.0):
+    """`function(*args)` in a spawned process: it becomes the engines' rank 0 with no earlier
+    tensor-parallel group behind it, as a server's engine process is."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    process = ctx.Process(target=_run_and_report, args=(function, args, results))
+    process.start()
+    try:
+        ok, value = results.get(timeout=timeout_s)
+    finally:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+    if not ok:
+        raise AssertionError(f"{function.__name__} failed in its process:\n{value}")
+    return value
+
+
+def _run_and_report(function, args, results) -> None:
+    try:
+        results.put((True, function(*args)))
+    except BaseException:
+        results.put((False, traceback.format_exc()))
+
+
+def greedy_completions(model_dir: str, dtype: str, tp: int, enforce_eager: bool = False):
+    """Greedy (ids, text) of each of `make_prompts()`; prints the start-up phases (with -s).
 
     `max_num_seqs` is the prompt count, so only the few decode graphs these steps use are
     captured, not one for every batch size up to the default 256.
     """
     started = time.perf_counter()
-    llm = LLM(str(model_dir), dtype=dtype, device="cuda", tensor_parallel_size=tp,
+    llm = LLM(model_dir, dtype=dtype, device="cuda", tensor_parallel_size=tp,
               progress=False, max_model_len=1024, gpu_memory_utilization=0.8,
               enforce_eager=enforce_eager, max_num_seqs=len(LENGTHS))
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in llm.engine.startup_phases.items())
-    print(f"\n{dtype} TP={tp}: built in {time.perf_counter() - started:.1f} s ({phases})")
+    print(f"\n{dtype} TP={tp}: built in {time.perf_counter() - started:.1f} s ({phases})",
+          flush=True)
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        return [o.outputs[0] for o in llm.generate(make_prompts(), params, use_tqdm=False)]
+        outputs = llm.generate(make_prompts(), params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].text) for o in outputs]
     finally:
         llm.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+
+
+def two_tp2_engines_one_after_the_other(model_dir: str) -> list[list[list[int]]]:
+    return [greedy_completions(model_dir, "float32", 2) for _ in range(2)]
 
 
 def _agreement(a: list[int], b: list[int]) -> int:
@@ -80,6 +116,14 @@ def _agreement(a: list[int], b: list[int]) -> int:
 def test_tp2_with_decode_graphs_shuts_down_and_equals_eager_tp1(model_1b):
     """Shutdown used to hang in destroy_process_group while captured graphs held NCCL work."""
     assert _greedy(model_1b, "float32", 2) == _greedy(model_1b, "float32", 1, enforce_eager=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_second_tp2_engine_in_one_process_builds_and_gives_the_same_ids(model_1b):
+    """The second group cannot use symmetric memory (torch numbers its rendezvous per process)
+    and must fall back to NCCL rather than wait forever for its new rank 1."""
+    first, second = in_fresh_process(two_tp2_engines_one_after_the_other, str(model_1b))
+    assert first == second
 
 
 @pytest.mark.timeout(480)  # on expiry pytest-timeout prints every thread's stack

@@ -8,7 +8,7 @@ its rank actor under load must end the streams and bring a new replica up.
 from __future__ import annotations
 
 import pytest
-from test_tp_gpu import MAX_TOKENS, greedy_outputs, make_prompts, write_model
+from test_tp_gpu import MAX_TOKENS, greedy_completions, in_fresh_process, make_prompts, write_model
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,8 @@ def served_tp2(tmp_path_factory):
     from tp_serving import served_app
 
     model_1b = write_model(tmp_path_factory, "1b")
-    expected = [c.text for c in greedy_outputs(model_1b, "float32", 1)]
+    expected = [text for _, text in in_fresh_process(greedy_completions, str(model_1b),
+                                                      "float32", 1)]
     args = {"engine": {"model": str(model_1b), "device": "cuda", "dtype": "float32",
                        "tensor_parallel_size": 2, "max_model_len": SERVED_MAX_MODEL_LEN,
                        "gpu_memory_utilization": 0.5},

@@ -61,6 +61,10 @@ class TensorParallel:
         the same point). If it fails on any rank, every rank keeps NCCL."""
         if self.device.type != "cuda" or not symmetric_all_reduce.enabled():
             return
+        if not self.symmetric_history_agrees():
+            logger.warning("symmetric memory already served an earlier tensor-parallel group in "
+                           "this process (its ranks would not meet); this group uses NCCL")
+            return
         one_shot = None
         try:
             if symmetric_all_reduce.available():
@@ -75,6 +79,11 @@ class TensorParallel:
                         "%d KiB, NCCL above", symmetric_all_reduce.MAX_BYTES // 1024)
         elif one_shot is not None:
             one_shot.release()
+
+    def symmetric_history_agrees(self) -> bool:
+        """Every rank's process made as many symmetric-memory rendezvous so far (collective)."""
+        calls = symmetric_all_reduce.rendezvous_calls()
+        return self.min_int(calls) == -self.min_int(-calls)
 
     def release(self) -> None:
         """Free what the group holds beyond torch.distributed (before it is destroyed)."""

@@ -43,6 +43,27 @@ def available() -> bool:
     return hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
 
 
+_rendezvous_calls = 0  # in this process; torch numbers its rendezvous exchanges the same way
+
+
+def rendezvous_calls() -> int:
+    """Symmetric-memory rendezvous this process made so far.
+
+    torch keys each rendezvous's exchange by a per-process sequence number, so ranks whose
+    processes made different numbers of them (a new rank next to a rank 0 that served an
+    earlier group) would wait forever for each other's keys.
+    """
+    return _rendezvous_calls
+
+
+def _rendezvous(tensor: torch.Tensor, group_name: str):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    global _rendezvous_calls
+    _rendezvous_calls += 1
+    return symm_mem.rendezvous(tensor, group_name)
+
+
 class SymmetricAllReduce:
     """A symmetric buffer of `dtype` on this rank's GPU; `__call__` sums `x` over the group.
 
@@ -55,14 +76,14 @@ class SymmetricAllReduce:
         self.group_name = dist.group.WORLD.group_name
         size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()
         self.buffer: torch.Tensor | None = symm_mem.empty(size, dtype=dtype, device=device)
-        handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        handle = _rendezvous(self.buffer, self.group_name)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         # the fused all-reduce + add + norm's flags: zeroed on every rank before any is set
         self.signals = symm_mem.empty(all_reduce_norm.MAX_PROGRAMS * self.world,
                                       dtype=torch.int32, device=device).zero_()
         torch.cuda.synchronize(device)
-        signal_handle = symm_mem.rendezvous(self.signals, self.group_name)
+        signal_handle = _rendezvous(self.signals, self.group_name)
         self.signal_ptrs = torch.tensor(signal_handle.buffer_ptrs, dtype=torch.int64,
                                         device=device)
         # newer kernels copy the input into this rank's buffer themselves: one launch less

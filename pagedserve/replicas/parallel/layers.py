@@ -156,7 +156,7 @@ class RowParallelLinear(Linear):
     """A linear layer holding `in_features // tp.size` input columns; each rank's output is a
     part of a sum over the ranks."""
 
-    split_dims = {"weight": 1}  # the bias is whole on every rank and added after the sum
+    split_dims = {"weight": 1}  # the bias is whole on every rank; rank 0 adds it to its part
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
         super().__init__(in_features // tp.size, out_features, bias=bias)

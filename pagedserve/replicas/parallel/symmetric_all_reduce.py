@@ -4,7 +4,13 @@ A decode step runs two all-reduces per layer of at most a few MB each ([batch, h
 NCCL's latency dominates: on two H200s one took 17.5 us at batch 1 and 35.5 us at batch 256
 inside a CUDA graph, against 7.5 and 20.5 us for torch's symmetric-memory one-shot kernel, in
 which each GPU reads its peers' buffers over NVLink and sums them (`benchmarks/tp_overheads.py`).
-Prefill chunks, larger than the buffer, keep NCCL. `PAGEDSERVE_TP_ALL_REDUCE=nccl` turns this off.
+Where the sum feeds a residual add and RMSNorm (every row-parallel output does), `add_norm` does
+all three in one kernel of ours (`all_reduce_norm`) through the same buffer. Prefill chunks,
+larger than the buffer, keep NCCL. `PAGEDSERVE_TP_ALL_REDUCE=unfused` keeps the norm apart,
+`=nccl` turns all of this off.
+
+torch keys each rendezvous by a per-process count (`rendezvous_calls`), so a group whose ranks'
+processes made different numbers of them (a rank 0 that served an earlier group) keeps NCCL.
 
 Every rank sets up the buffer of the model's dtype at the same collective point
 (`TensorParallel.use_one_shot_all_reduce`, before the weights load and any CUDA graph is

@@ -49,6 +49,22 @@ def _check(tp, shape, dtype, rank, failures) -> None:
         failures.append(f"rank {rank} {dtype} {shape}: max diff {(got - expected).abs().max()}")
 
 
+def _replayed(function, static: torch.Tensor, replays: int = 1):
+    """`function(static)` captured in a CUDA graph (after a warm-up on a side stream), then
+    replayed `replays` times; returns the graph's outputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function(static.clone())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = function(static)
+    for _ in range(replays):
+        graph.replay()
+    return out
+
+
 def _check_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
     """`chain` dependent all-reduces in one graph: a buffer reused too early would show."""
     import torch.distributed as dist
@@ -61,15 +77,7 @@ def _check_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
             t = tp.all_reduce(t * 0.5 + i)
         return t
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chained(static.clone())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chained(static)
-    graph.replay()
+    out = _replayed(chained, static)
     expected = x.clone()
     for i in range(chain):
         expected = expected * 0.5 + i
@@ -131,16 +139,7 @@ def _check_add_norm_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
 
     eager = chained(x.clone())
     static = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chained(static.clone())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chained(static)
-    for _ in range(3):  # replays back to back reuse the buffers and flags
-        graph.replay()
+    out = _replayed(chained, static, replays=3)  # back to back: buffers and flags reused
     torch.cuda.synchronize()
     for name, got, want in zip(("out", "residual"), out, eager, strict=True):
         if not torch.equal(got, want):

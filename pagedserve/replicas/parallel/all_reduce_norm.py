@@ -7,8 +7,8 @@ into this rank's symmetric buffer, meets the same program on every peer (a flag 
 and rank pair in a symmetric signal pad), reads every rank's rows over NVLink, sums them in
 rank order (so every rank gets the same values), adds the residual and norms, then meets its
 peers again so that no rank overwrites its buffer while a peer still reads it. The grid is
-at most `MAX_PROGRAMS`, so every program is resident at once and the meetings cannot wait on
-a program that has not started.
+at most `MAX_PROGRAMS`, few enough to be resident at once, so a meeting never waits on a
+program that has not started.
 
 The sum is rounded to the tensor's dtype before the residual add, as an all-reduce followed
 by `add_rms_norm` would store it (`fused_ops._round`).
@@ -28,7 +28,9 @@ try:
 except ImportError:
     triton = None
 
-MAX_PROGRAMS = 128  # <= the SMs of any GPU this runs on, so all programs are resident
+# Programs wait for their peers, so all must be resident at once: 128 is below an H100/H200's
+# 132 SMs, and a program (8 warps, no shared memory) leaves room for others on an SM.
+MAX_PROGRAMS = 128
 
 
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -278,6 +279,17 @@ def prepare_model_dir(args: argparse.Namespace, tmp: Path) -> Path:
     return default_model_dir(progress=False)
 
 
+def seed_ratios(row: Row, base: Row, seed: int) -> str:
+    """With --repeats: `row` over `base` on each seed's workload, and the median of those
+    (one run's ratio varies by several percent from run to run on the same machine)."""
+    if not (row.repeat_tokens_per_s and base.repeat_tokens_per_s):
+        return ""
+    ratios = [row.tokens_per_s / base.tokens_per_s] + [
+        a / b for a, b in zip(row.repeat_tokens_per_s, base.repeat_tokens_per_s, strict=True)]
+    each = ", ".join(f"{r:.2f}x" for r in ratios)
+    return f" (seeds {seed}-{seed + len(ratios) - 1}: {each}; median {statistics.median(ratios):.2f}x)"
+
+
 def run(args: argparse.Namespace, model_dir: Path) -> dict:
     vocab_size = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
     wl = make_workload(args, vocab_size)
@@ -295,7 +307,8 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
             r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
     print(common.format_table([asdict(r) for r in rows], COLUMNS))
     for r in rows[1:ours_rows]:
-        print(f"{r.name} / {rows[0].name}: {r.tokens_per_s / rows[0].tokens_per_s:.2f}x")
+        print(f"{r.name} / {rows[0].name}: {r.tokens_per_s / rows[0].tokens_per_s:.2f}x"
+              + seed_ratios(r, rows[0], args.seed))
     for r in rows:
         if r.skipped:
             print(f"{r.name} skipped: {r.skipped}")

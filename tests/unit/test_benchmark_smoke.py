@@ -38,6 +38,15 @@ def test_cuda_defaults_draw_output_lengths(throughput):
     assert all(100 <= n <= 1024 for n in lens) and len(set(lens)) > 1
 
 
+def test_repeats_give_a_ratio_per_seed_and_their_median(throughput):
+    base = throughput.Row("pagedserve", 4, tokens_per_s=100.0, repeat_tokens_per_s=[100.0, 50.0])
+    tp2 = throughput.Row("pagedserve-tp2", 4, tokens_per_s=150.0,
+                         repeat_tokens_per_s=[170.0, 80.0])
+    assert (throughput.seed_ratios(tp2, base, seed=0)
+            == " (seeds 0-2: 1.50x, 1.70x, 1.60x; median 1.60x)")
+    assert throughput.seed_ratios(throughput.Row("x", 4, tokens_per_s=1.0), base, seed=0) == ""
+
+
 @pytest.mark.slow
 def test_benchmark_runs_against_both_peers(throughput, default_model_dir, tmp_path):
     out = tmp_path / "throughput.json"

@@ -94,6 +94,7 @@ class SymmetricAllReduce:
                                         device=device)
         # newer kernels copy the input into this rank's buffer themselves: one launch less
         self.copies_in_kernel = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
+        self.fuses_norm = fused_enabled() and all_reduce_norm.triton is not None
 
     def fits(self, x: torch.Tensor) -> bool:
         """`x` can go through the buffer (its dtype; the kernel needs 4-byte multiples).
@@ -120,8 +121,7 @@ class SymmetricAllReduce:
 
     def fits_rows(self, x: torch.Tensor) -> bool:
         """`x` ([rows, hidden]) can go through `add_norm`."""
-        return (fused_enabled() and all_reduce_norm.triton is not None and x.dim() == 2
-                and self.fits(x))
+        return self.fuses_norm and x.dim() == 2 and self.fits(x)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,8 @@
 
 Per decode batch size: the time of one all-reduce of [batch, hidden] bfloat16 replayed in a CUDA
 graph (as a decode step runs them; a step has 2 per layer), with NCCL and, where this torch has
-it, with a symmetric-memory one-shot all-reduce (torch's kernel alone, and ours, then followed
-by the residual add + RMSNorm, and fused with them); and the host time of rank 0's step control (one
+it, with our symmetric-memory one-shot all-reduce (`SymmetricAllReduce`: alone, followed by the
+residual add + RMSNorm, and fused with them); and the host time of rank 0's step control (one
 write of the header and the step's flat inputs, their size at that batch, into rank 1's step
 pipe, which rank 1 reads meanwhile).
 """
@@ -52,24 +52,6 @@ def graph_time_us(op, x: torch.Tensor, reps: int) -> float:
     return (time.perf_counter() - start) / REPLAYS / reps * 1e6
 
 
-def one_shot_op(group_name: str, hidden: int, max_batch: int):
-    """An in-place all-reduce through a symmetric buffer (None if this torch lacks it)."""
-    try:
-        import torch.distributed._symmetric_memory as symm_mem
-    except ImportError:
-        return None
-    buffer = symm_mem.empty(max_batch * hidden, dtype=torch.bfloat16, device="cuda")
-    symm_mem.rendezvous(buffer, group_name)
-
-    def op(x: torch.Tensor) -> None:
-        flat = x.view(-1)
-        slot = buffer[: flat.numel()]
-        slot.copy_(flat)
-        torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", group_name, flat)
-
-    return op
-
-
 def norm_times_us(ours, x: torch.Tensor, reps: int) -> dict[str, float]:
     """Our all-reduce (`SymmetricAllReduce`), then with the residual add + RMSNorm after it as
     two kernels, and as the one fused kernel (`add_norm`)."""
@@ -108,8 +90,6 @@ def control_time_us(rank: int, batch: int, table_width: int, reps: int = 200) ->
 def worker(rank: int, args, init: str, out: dict) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init, rank=rank, world_size=2)
-    group_name = dist.group.WORLD.group_name
-    one_shot = one_shot_op(group_name, args.hidden, max(BATCHES))
     ours = None
     if symmetric_all_reduce.available():
         ours = symmetric_all_reduce.SymmetricAllReduce(torch.device("cuda", rank), torch.bfloat16)
@@ -119,8 +99,6 @@ def worker(rank: int, args, init: str, out: dict) -> None:
         x = torch.randn(batch, args.hidden, device="cuda").to(torch.bfloat16)
         row = {"batch": batch, "bytes": x.numel() * 2,
                "nccl_us": graph_time_us(dist.all_reduce, x, reps)}
-        if one_shot is not None:
-            row["one_shot_us"] = graph_time_us(one_shot, x, reps)
         if ours is not None:
             row.update(norm_times_us(ours, x, reps))
         row["control_us"] = control_time_us(rank, batch, args.table_width)
@@ -150,7 +128,7 @@ def main() -> None:
         mp.spawn(worker, args=(args, init, out), nprocs=2)
         result = dict(out)
     print(json.dumps(result, indent=2))
-    cols = ["nccl_us", "one_shot_us", "ours_us", "ours_then_norm_us", "fused_us", "control_us"]
+    cols = ["nccl_us", "ours_us", "ours_then_norm_us", "fused_us", "control_us"]
     print(f"{'batch':>6} {'bytes':>9} " + " ".join(f"{c[:-3]:>15}" for c in cols) + "  (us)")
     for r in result["rows"]:
         print(f"{r['batch']:>6} {r['bytes']:>9} "

@@ -45,7 +45,7 @@ def timed_calls(targets: list[tuple[object, str, str]], seconds: dict[str, float
     saved = []
     for owner, name, label in targets:
         saved.append((owner, name, vars(owner).get(name, _NOT_OWN)))
-        setattr(owner, name, _timed(getattr(owner, name), label, seconds, calls))
+        setattr(owner, name, timed_call(getattr(owner, name), label, seconds, calls))
     try:
         yield
     finally:
@@ -56,7 +56,10 @@ def timed_calls(targets: list[tuple[object, str, str]], seconds: dict[str, float
                 setattr(owner, name, own)
 
 
-def _timed(method, label: str, seconds: dict[str, float], calls: dict[str, int] | None):
+def timed_call(method, label: str, seconds: dict[str, float],
+               calls: dict[str, int] | None = None):
+    """`method` wrapped to add each call's host seconds to `seconds[label]` (and count it)."""
+
     def call(*args, **kwargs):
         start = time.perf_counter()
         try:

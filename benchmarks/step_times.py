@@ -77,16 +77,11 @@ LAUNCH_PARTS = ("prepare", "upload", "publish", "forward", "sample", "share_ids"
 def launch_of_prefill_steps(totals: dict[str, float], calls: dict[str, int]):
     """While open, also add the launch time of steps that carry prefill tokens under "prefill"."""
     launch = ModelRunner.execute_async
+    timed_launch = common.timed_call(launch, "prefill", totals, calls)
 
     def execute(self, batch):
-        if not any(s.num_tokens > 1 for s in batch.scheduled):
-            return launch(self, batch)
-        start = time.perf_counter()
-        try:
-            return launch(self, batch)
-        finally:
-            totals["prefill"] = totals.get("prefill", 0.0) + time.perf_counter() - start
-            calls["prefill"] = calls.get("prefill", 0) + 1
+        with_prefill = any(s.num_tokens > 1 for s in batch.scheduled)
+        return (timed_launch if with_prefill else launch)(self, batch)
 
     ModelRunner.execute_async = execute
     try:

@@ -29,6 +29,7 @@ def _run(rank: int, init: str, failures) -> None:
                 _check_add_norm(tp, shape, dtype, rank, failures)
             _check_graph(tp, dtype, rank, failures)
             _check_add_norm_graph(tp, dtype, rank, failures)
+            _check_add_norm_one_rank_late(tp, dtype, rank, failures)
     finally:
         leave_group(tp)
 
@@ -145,6 +146,32 @@ def _check_add_norm_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
         if not torch.equal(got, want):
             failures.append(f"rank {rank} {dtype} add_norm graph chain {name}: "
                             f"max diff {(got - want).abs().max()}")
+
+
+def _check_add_norm_one_rank_late(tp, dtype, rank, failures) -> None:
+    """Back-to-back fused calls of changing row counts (so the kernel's programs make different
+    numbers of calls, and past 128 rows a program takes several), each rank in turn held back
+    before a call so that the other runs ahead into the next: every result equals NCCL then
+    `add_norm`."""
+    import torch.distributed as dist
+
+    norm = _norm(dtype)
+    shapes = [(rows, 4096) for rows in (1, 200, 7, 128, 3, 256) * 3]
+    inputs = [_inputs(shape, dtype, rank, seed=20 + i) for i, shape in enumerate(shapes)]
+    torch.cuda.synchronize()
+    got = []
+    for i, x in enumerate(inputs):
+        if i % 2 == rank:
+            torch.cuda._sleep(200_000)  # about 0.1 ms of this rank's stream
+        got.append(tp.sum_add_norm(x, None, norm)[0])
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for i, (x, out) in enumerate(zip(inputs, got, strict=True)):
+        summed = x.clone()
+        dist.all_reduce(summed)
+        want, _ = norm.add_norm(summed, None)
+        if not torch.allclose(out.float(), want.float(), **tol) or not _same_on_both_ranks(out):
+            failures.append(f"rank {rank} {dtype} call {i} ({shapes[i][0]} rows, one rank late): "
+                            f"max diff {(out - want).abs().max()}")
 
 
 def test_one_shot_equals_nccl_on_two_gpus():

@@ -27,7 +27,7 @@ def served_tp2(tmp_path_factory):
     from tp_serving import served_app
 
     model_1b = write_model(tmp_path_factory, "1b")
-    expected = [text for _, text in in_fresh_process(greedy_completions, str(model_1b),
+    expected = [text for _, text, _ in in_fresh_process(greedy_completions, str(model_1b),
                                                       "float32", 1)]
     args = {"engine": {"model": str(model_1b), "device": "cuda", "dtype": "float32",
                        "tensor_parallel_size": 2, "max_model_len": SERVED_MAX_MODEL_LEN,

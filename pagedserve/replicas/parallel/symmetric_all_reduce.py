@@ -82,19 +82,25 @@ class SymmetricAllReduce:
         self.group_name = dist.group.WORLD.group_name
         size = MAX_BYTES // torch.empty(0, dtype=dtype).element_size()
         self.buffer: torch.Tensor | None = symm_mem.empty(size, dtype=dtype, device=device)
-        handle = _rendezvous(self.buffer, self.group_name)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        # the fused all-reduce + add + norm's flags: zeroed on every rank before any is set
-        self.signals = symm_mem.empty(all_reduce_norm.MAX_PROGRAMS * self.world,
+        _rendezvous(self.buffer, self.group_name)  # torch's one-shot kernel finds it by group
+        # the fused all-reduce + add + norm's inbox, and its counts: zeroed on every rank
+        # before any is counted
+        self.inbox = symm_mem.empty(all_reduce_norm.inbox_elements(size, self.world),
+                                    dtype=dtype, device=device)
+        self.inbox_ptrs = self._pointers(self.inbox, device)
+        self.signals = symm_mem.empty(all_reduce_norm.signal_pad_elements(self.world),
                                       dtype=torch.int32, device=device).zero_()
         torch.cuda.synchronize(device)
-        signal_handle = _rendezvous(self.signals, self.group_name)
-        self.signal_ptrs = torch.tensor(signal_handle.buffer_ptrs, dtype=torch.int64,
-                                        device=device)
+        self.signal_ptrs = self._pointers(self.signals, device)
         # newer kernels copy the input into this rank's buffer themselves: one launch less
         self.copies_in_kernel = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         self.fuses_norm = fused_enabled() and all_reduce_norm.triton is not None
+
+    def _pointers(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Every rank's address of its `tensor` (a collective rendezvous), on the device."""
+        handle = _rendezvous(tensor, self.group_name)
+        return torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
 
     def fits(self, x: torch.Tensor) -> bool:
         """`x` can go through the buffer (its dtype; the kernel needs 4-byte multiples).
@@ -127,8 +133,9 @@ class SymmetricAllReduce:
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_rms_norm(sum over ranks of x, residual, weight, eps)` in one kernel."""
         return all_reduce_norm.all_reduce_add_rms_norm(
-            x, residual, weight, eps, self.buffer_ptrs, self.signal_ptrs, self.rank, self.world)
+            x, residual, weight, eps, self.inbox_ptrs, self.buffer.numel(), self.signal_ptrs,
+            self.rank, self.world)
 
     def release(self) -> None:
         """Drop the buffers (before the process group is destroyed)."""
-        self.buffer = self.signals = None
+        self.buffer = self.inbox = self.signals = None

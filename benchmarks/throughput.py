@@ -279,13 +279,19 @@ def prepare_model_dir(args: argparse.Namespace, tmp: Path) -> Path:
     return default_model_dir(progress=False)
 
 
+def scaling(row: Row, base: Row) -> list[float]:
+    """`row` over `base` on each seed's workload: the timed run's, then each repeat's."""
+    return [row.tokens_per_s / base.tokens_per_s] + [
+        a / b for a, b in zip(row.repeat_tokens_per_s or [], base.repeat_tokens_per_s or [],
+                              strict=True)]
+
+
 def seed_ratios(row: Row, base: Row, seed: int) -> str:
     """With --repeats: `row` over `base` on each seed's workload, and the median of those
     (one run's ratio varies by several percent from run to run on the same machine)."""
     if not (row.repeat_tokens_per_s and base.repeat_tokens_per_s):
         return ""
-    ratios = [row.tokens_per_s / base.tokens_per_s] + [
-        a / b for a, b in zip(row.repeat_tokens_per_s, base.repeat_tokens_per_s, strict=True)]
+    ratios = scaling(row, base)
     each = ", ".join(f"{r:.2f}x" for r in ratios)
     return f" (seeds {seed}-{seed + len(ratios) - 1}: {each}; median {statistics.median(ratios):.2f}x)"
 
@@ -303,7 +309,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     for name in args.peers:
         rows.append(measure(name, lambda n=name: peer(n, args, model_dir), args, wl, warm))
     if ours_rows:  # none with `--tensor-parallel-sizes ''` (peers only): no ratios
-        for r in rows[1:]:
+        for r in rows[ours_rows:]:  # ours/peer: our TP rows are compared below instead
             r.ratio = rows[0].tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
     print(common.format_table([asdict(r) for r in rows], COLUMNS))
     for r in rows[1:ours_rows]:
@@ -327,6 +333,8 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
                    "output_len": [min(warm.output_lens), max(warm.output_lens)]},
         "repeats": args.repeats,
         "tensor_parallel_sizes": args.tensor_parallel_sizes,
+        # each TP>1 row's tokens/s over TP=1's, seed by seed (the timed run's seed first)
+        "tensor_parallel_scaling": {r.name: scaling(r, rows[0]) for r in rows[1:ours_rows]},
         "rows": [asdict(r) for r in rows],
     }
     common.write_results(result, args.out, {r.name: r.tokens_per_s for r in rows if r.tokens_per_s},

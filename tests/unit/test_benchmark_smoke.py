@@ -45,6 +45,7 @@ def test_repeats_give_a_ratio_per_seed_and_their_median(throughput):
     assert (throughput.seed_ratios(tp2, base, seed=0)
             == " (seeds 0-2: 1.50x, 1.70x, 1.60x; median 1.60x)")
     assert throughput.seed_ratios(throughput.Row("x", 4, tokens_per_s=1.0), base, seed=0) == ""
+    assert throughput.scaling(tp2, base) == [1.5, 1.7, 1.6]
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ NCCL's latency dominates: on two H200s one took 17.5 us at batch 1 and 35.5 us a
 inside a CUDA graph, against 7.5 and 20.5 us for torch's symmetric-memory one-shot kernel, in
 which each GPU reads its peers' buffers over NVLink and sums them (`benchmarks/tp_overheads.py`).
 Where the sum feeds a residual add and RMSNorm (every row-parallel output does), `add_norm` does
-all three in one kernel of ours (`all_reduce_norm`) through the same buffer. Prefill chunks,
-larger than the buffer, keep NCCL. `PAGEDSERVE_TP_ALL_REDUCE=unfused` keeps the norm apart,
+all three in one kernel of ours (`all_reduce_norm`), which pushes its rows into the peers'
+symmetric inboxes. Prefill chunks larger than `MAX_BYTES` keep NCCL. `PAGEDSERVE_TP_ALL_REDUCE=unfused` keeps the norm apart,
 `=nccl` turns all of this off.
 
 torch keys each rendezvous by a per-process count (`rendezvous_calls`), so a group whose ranks'
@@ -71,7 +71,7 @@ def _rendezvous(tensor: torch.Tensor, group_name: str):
 
 
 class SymmetricAllReduce:
-    """A symmetric buffer of `dtype` on this rank's GPU; `__call__` sums `x` over the group.
+    """Symmetric buffers of `dtype` on this rank's GPU; `__call__` sums `x` over the group.
 
     Making one is collective (the buffers' rendezvous): every rank makes it at the same point.
     """

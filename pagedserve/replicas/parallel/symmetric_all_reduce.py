@@ -6,8 +6,8 @@ inside a CUDA graph, against 7.5 and 20.5 us for torch's symmetric-memory one-sh
 which each GPU reads its peers' buffers over NVLink and sums them (`benchmarks/tp_overheads.py`).
 Where the sum feeds a residual add and RMSNorm (every row-parallel output does), `add_norm` does
 all three in one kernel of ours (`all_reduce_norm`), which pushes its rows into the peers'
-symmetric inboxes. Prefill chunks larger than `MAX_BYTES` keep NCCL. `PAGEDSERVE_TP_ALL_REDUCE=unfused` keeps the norm apart,
-`=nccl` turns all of this off.
+symmetric inboxes. Prefill chunks larger than `MAX_BYTES` keep NCCL.
+`PAGEDSERVE_TP_ALL_REDUCE=unfused` keeps the norm apart, `=nccl` turns all of this off.
 
 torch keys each rendezvous by a per-process count (`rendezvous_calls`), so a group whose ranks'
 processes made different numbers of them (a rank 0 that served an earlier group) keeps NCCL.

@@ -3,8 +3,10 @@
 Decode at the throughput benchmark's steady state (batch 256, contexts around 1100 tokens,
 Llama-1B-like heads: 32 query heads, 8 kv heads, head_dim 64, bf16, block size 16), the same
 at head_dim 128 and batch 64, a few tile configurations of the decode kernel, a small-batch
-long-context case where split-K matters, and packed causal prefills. Times are medians of `triton.testing.do_bench` (CUDA events);
-bandwidth counts the K/V bytes the kernel must read once. Prints a table last.
+long-context case where split-K matters, one rank's heads of an 8B-shaped model at TP=1 and
+TP=2 (32/8 and 16/4 heads, batch 128, contexts of 100-1200 tokens), and packed causal
+prefills. Times are medians of `triton.testing.do_bench` (CUDA events); bandwidth counts the
+K/V bytes the kernel must read once. Prints a table last.
 
     python benchmarks/attention_kernels.py [--json PATH]
 """
@@ -25,12 +27,12 @@ HEADS, KV_HEADS, BLOCK_SIZE = 32, 8, 16
 DTYPE = torch.bfloat16
 
 
-def paged_inputs(context_lens: list[int], head_dim: int, seed: int):
+def paged_inputs(context_lens: list[int], head_dim: int, seed: int, kv_heads: int = KV_HEADS):
     """Random caches with each sequence's blocks scattered; returns (k, v, tables, lens)."""
     gen = torch.Generator().manual_seed(seed)
     per_seq = [math.ceil(n / BLOCK_SIZE) for n in context_lens]
     num_blocks = sum(per_seq)
-    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, head_dim)
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
     k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
     v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
     order = torch.randperm(num_blocks, generator=gen)
@@ -44,8 +46,8 @@ def paged_inputs(context_lens: list[int], head_dim: int, seed: int):
     return k_cache, v_cache, tables.cuda(), lens.cuda()
 
 
-def kv_bytes(context_lens: list[int], head_dim: int) -> int:
-    return sum(context_lens) * KV_HEADS * head_dim * 2 * DTYPE.itemsize
+def kv_bytes(context_lens: list[int], head_dim: int, kv_heads: int = KV_HEADS) -> int:
+    return sum(context_lens) * kv_heads * head_dim * 2 * DTYPE.itemsize
 
 
 def bench_ms(fn) -> float:
@@ -56,16 +58,18 @@ def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
-def decode_rows(batch: int, context_lens: list[int], head_dim: int, configs, seed: int):
-    k, v, tables, lens = paged_inputs(context_lens, head_dim, seed)
-    query = torch.randn(batch, HEADS, head_dim, dtype=DTYPE, device="cuda")
+def decode_rows(batch: int, context_lens: list[int], head_dim: int, configs, seed: int,
+                heads: tuple[int, int] = (HEADS, KV_HEADS)):
+    num_heads, kv_heads = heads
+    k, v, tables, lens = paged_inputs(context_lens, head_dim, seed, kv_heads)
+    query = torch.randn(batch, num_heads, head_dim, dtype=DTYPE, device="cuda")
     scale = head_dim**-0.5
     args = (query, k, v, tables, lens, scale)
     expected = ref.paged_decode_attention(query.float(), k.float(), v.float(), tables, lens, scale)
-    label = f"decode d{head_dim} B={batch} ctx~{sum(context_lens) // batch}"
+    label = f"decode {num_heads}/{kv_heads}h d{head_dim} B={batch} ctx~{sum(context_lens) // batch}"
     rows = [dict(case=label, impl="torch reference", ms=bench_ms(
         lambda: ref.paged_decode_attention(*args)))]
-    auto = triton_decode.choose_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK_SIZE,
+    auto = triton_decode.choose_num_splits(batch, kv_heads, tables.shape[1] * BLOCK_SIZE,
                                            triton_decode._multiprocessors(query.device))
     rows.append(dict(case=label, impl=f"triton auto (splits={auto})",
                      ms=bench_ms(lambda: triton_decode.paged_decode_attention(*args)),
@@ -77,7 +81,7 @@ def decode_rows(batch: int, context_lens: list[int], head_dim: int, configs, see
         rows.append(dict(case=label, impl=f"triton splits={splits} n={block_n} w={warps} "
                          f"st={stages}", ms=bench_ms(run), rel_err=rel_err(run(), expected)))
     for row in rows:
-        row["GB/s"] = kv_bytes(context_lens, head_dim) / row["ms"] / 1e6
+        row["GB/s"] = kv_bytes(context_lens, head_dim, kv_heads) / row["ms"] / 1e6
     return rows
 
 
@@ -109,6 +113,10 @@ def main() -> None:
     rows += decode_rows(64, steady[:64], 128, configs, seed=4)
     rows += decode_rows(4, [32768] * 4, 64, [(1, 64, 2, 2), (9, 64, 2, 2), (16, 64, 2, 2),
                                              (33, 64, 2, 2), (64, 64, 2, 2)], seed=2)
+    mixed = torch.randint(100, 1201, (128,), generator=gen).tolist()
+    for heads in ((32, 8), (16, 4)):  # an 8B-shaped model's rank at TP=1 and at TP=2
+        rows += decode_rows(128, mixed, 128, [(1, 64, 4, 2), (2, 64, 4, 2), (3, 64, 4, 2)],
+                            seed=5, heads=heads)
     rows += prefill_rows(8, 1024, 64)
     rows += prefill_rows(8, 1024, 128)
     device = torch.cuda.get_device_name()
@@ -117,11 +125,11 @@ def main() -> None:
             json.dump(dict(device=device, torch=torch.__version__,
                            triton=triton.__version__, rows=rows), f, indent=1)
     print(f"\n{device}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'case':<28} {'implementation':<32} {'ms':>8} {'GB/s':>7} {'rel_err':>8}")
+    print(f"{'case':<34} {'implementation':<32} {'ms':>8} {'GB/s':>7} {'rel_err':>8}")
     for r in rows:
         gbs = f"{r['GB/s']:.0f}" if "GB/s" in r else "-"
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
-        print(f"{r['case']:<28} {r['impl']:<32} {r['ms']:>8.3f} {gbs:>7} {err:>8}")
+        print(f"{r['case']:<34} {r['impl']:<32} {r['ms']:>8.3f} {gbs:>7} {err:>8}")
 
 
 if __name__ == "__main__":

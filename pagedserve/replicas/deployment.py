@@ -184,7 +184,7 @@ class ReplicaDeployment:
             if quiet and now - last_push < HEARTBEAT_S:
                 continue
             try:
-                await self._push_report(include_hashes=send_hashes, stats=stats)
+                await self._push_report(include_hashes=send_hashes)
             except Exception as err:  # a router restart must not stop this replica
                 logger.warning("capacity report to the router failed: %r", err)
                 continue
@@ -192,12 +192,20 @@ class ReplicaDeployment:
             if send_hashes:
                 last_hashes, hashes_stale = now, False
 
-    async def _push_report(self, include_hashes: bool, stats: EngineStats | None = None) -> None:
-        stats = stats or self.engine.stats_nowait()
+    async def _push_report(self, include_hashes: bool) -> None:
+        """Send the router this replica's capacity and the requests it received since the last
+        report.
+
+        The counters and the received ids are read together, with no await between: the
+        router stops reserving a slot for each received id, so a count taken before a request
+        arrived, sent with its id, would show a free slot that is not there. Ids whose report
+        failed are sent with the next one.
+        """
         hashes = None
         if include_hashes:
             limit = self.config.router.max_hashes_per_report
             hashes = list(await self.engine.cached_block_hashes())[:limit]
+        stats = self.engine.stats_nowait()
         received, self._received = self._received, []
         engine_config = self.config.engine
         report = {
@@ -212,7 +220,11 @@ class ReplicaDeployment:
             "block_hashes": hashes,
             "draining": self.draining,
         }
-        view = await self.router.report.remote(report)
+        try:
+            view = await self.router.report.remote(report)
+        except BaseException:
+            self._received = received + self._received
+            raise
         if isinstance(view, dict):  # the router's queue, relayed to the autoscaler
             self._router_view = view
 

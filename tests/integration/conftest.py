@@ -8,6 +8,7 @@ this package only: the modules after it start clusters of their own in this proc
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ import pytest
 from ray_clusters import leave_ray_cluster
 
 REPO = Path(__file__).resolve().parents[2]
-BASE_URL = "http://127.0.0.1:8000"
+PORT = 8000  # ray_configs/local.yaml's, as in the README
+BASE_URL = f"http://127.0.0.1:{PORT}"
 STARTUP_TIMEOUT_S = 420
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
@@ -37,9 +39,18 @@ def _wait_ready(proc: subprocess.Popen, log_path: Path) -> None:
     pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
+def _fail_if_port_taken(port: int) -> None:
+    """The README's server listens on 8000: another process there would answer instead."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            pytest.fail(f"port {port} is already in use; the integration tests serve on it as "
+                        "the README's `serve run` does: stop whatever listens there first")
+
+
 @pytest.fixture(scope="package")
 def server(tmp_path_factory) -> str:
     """`serve run ray_configs/local.yaml`, ready; yields the base URL."""
+    _fail_if_port_taken(PORT)
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
     with open(log_path, "w") as log:
         serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")

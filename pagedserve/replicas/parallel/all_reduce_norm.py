@@ -37,7 +37,7 @@ except ImportError:
     triton = None
 
 # Programs wait for their peers, so all must be resident at once: 128 is below an H100/H200's
-# 132 SMs, and a program (8 warps, no shared memory) leaves room for others on an SM.
+# 132 SMs, and a program (8 warps, little shared memory) leaves room for others on an SM.
 MAX_PROGRAMS = 128
 
 

@@ -84,18 +84,20 @@ class SymmetricAllReduce:
         self.buffer: torch.Tensor | None = symm_mem.empty(size, dtype=dtype, device=device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _rendezvous(self.buffer, self.group_name)  # torch's one-shot kernel finds it by group
-        # the fused all-reduce + add + norm's inbox, and its counts: zeroed on every rank
-        # before any is counted
-        self.inbox = symm_mem.empty(all_reduce_norm.inbox_elements(size, self.world),
-                                    dtype=dtype, device=device)
-        self.inbox_ptrs = self._pointers(self.inbox, device)
-        self.signals = symm_mem.empty(all_reduce_norm.signal_pad_elements(self.world),
-                                      dtype=torch.int32, device=device).zero_()
-        torch.cuda.synchronize(device)
-        self.signal_ptrs = self._pointers(self.signals, device)
         # newer kernels copy the input into this rank's buffer themselves: one launch less
         self.copies_in_kernel = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         self.fuses_norm = fused_enabled() and all_reduce_norm.triton is not None
+        self.inbox = self.signals = None
+        if self.fuses_norm:
+            # the fused all-reduce + add + norm's inbox, and its counts: zeroed on every rank
+            # before any is counted
+            self.inbox = symm_mem.empty(all_reduce_norm.inbox_elements(size, self.world),
+                                        dtype=dtype, device=device)
+            self.inbox_ptrs = self._pointers(self.inbox, device)
+            self.signals = symm_mem.empty(all_reduce_norm.signal_pad_elements(self.world),
+                                          dtype=torch.int32, device=device).zero_()
+            torch.cuda.synchronize(device)
+            self.signal_ptrs = self._pointers(self.signals, device)
 
     def _pointers(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Every rank's address of its `tensor` (a collective rendezvous), on the device."""

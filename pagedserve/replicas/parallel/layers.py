@@ -93,15 +93,17 @@ class TensorParallel:
 
     def stack_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x`, stacked in rank order: [size, *x.shape] (the same on all ranks)."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.stack(parts)
+        return torch.stack(self._every_rank(x))
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along its last dimension (the same result on all ranks)."""
+        return torch.cat(self._every_rank(x), dim=-1)
+
+    def _every_rank(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x`, in rank order (an all-gather)."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=-1)
+        return parts
 
     def min_int(self, value: int) -> int:
         """The smallest `value` over the ranks (they must agree on sizes such as the KV cache)."""

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from pagedserve.replicas.models.fused_ops import add_rms_norm
 from pagedserve.replicas.parallel import step_pipes, symmetric_all_reduce
+from pagedserve.replicas.parallel.step_channel import HEADER_LEN
 
 BATCHES = (1, 8, 32, 128, 256)
 REPLAYS = 20
@@ -67,7 +68,7 @@ def norm_times_us(ours, x: torch.Tensor, reps: int) -> dict[str, float]:
 
 def control_time_us(rank: int, batch: int, table_width: int, reps: int = 200) -> float:
     """Rank 0's host microseconds per step to send a header and a step's flat inputs."""
-    message = np.zeros(17 + batch * (6 + table_width) + 1, dtype=np.int64)
+    message = np.zeros(HEADER_LEN + batch * (6 + table_width) + 1, dtype=np.int64)
     if rank == 0:
         pipes = step_pipes.open_writers(2)
         dist.barrier()

@@ -27,7 +27,7 @@ _STEP, _STOP = 1, 2
 _NUM_ARRAYS = 9  # the arrays of FlatLayout.lengths
 # kind, num_seqs, num_decodes, max_query_len, graph size (0: eager), ids follow (0/1),
 # greedy ids on every rank (0/1), table rows, table width, then the nine lengths
-_HEADER_LEN = 9 + _NUM_ARRAYS
+HEADER_LEN = 9 + _NUM_ARRAYS
 
 
 def shares_sampled_ids(tp: TensorParallel) -> bool:
@@ -63,7 +63,7 @@ class StepBroadcaster:
     def stop(self) -> None:
         """Tell the followers to stop, then close the pipes (their `receive` returns None)."""
         try:
-            self.pipes.send(np.array([_STOP] + [0] * (_HEADER_LEN - 1), np.int64))
+            self.pipes.send(np.array([_STOP] + [0] * (HEADER_LEN - 1), np.int64))
         finally:
             self.pipes.close()
 
@@ -88,7 +88,7 @@ class StepReceiver:
         self.pipe = step_pipes.open_reader(tp.rank)
 
     def receive(self) -> FollowedStep | None:
-        values = self.pipe.receive(_HEADER_LEN).tolist()
+        values = self.pipe.receive(HEADER_LEN).tolist()
         if values[0] == _STOP:
             self.pipe.close()
             return None

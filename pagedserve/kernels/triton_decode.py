@@ -114,16 +114,21 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, multiprocessors: int) -> int:
-    """Split only while batch * kv_heads leaves multiprocessors short of ~4 programs each.
+    """Split while batch * kv_heads leaves multiprocessors short of ~4 programs each.
 
-    Measured on an H200 (132 multiprocessors), 32 heads / 8 kv heads: 4 sequences of 32k tokens
-    took 0.764 ms unsplit, 0.114 ms with 9 splits and 0.087 ms with 16; 64 sequences of ~1100
-    tokens at head_dim 128 (512 programs) took 0.084 ms unsplit but 0.095 ms with 3 splits.
+    Measured on an H200 (132 multiprocessors, room for 5 programs each), head_dim 128, contexts
+    of 100-2048 tokens in tables 2048 wide (the engine's captured decode graphs): 128 sequences
+    at 4 kv heads (512 programs, one partial wave) took 0.101 ms unsplit and 0.093 ms with 2
+    splits, at 8 kv heads 0.173 and 0.168 ms; 256 sequences at 4 kv heads 0.172 and 0.168 ms.
+    Rounding up gives 512 programs their 2 splits and leaves 1024 unsplit. With equal contexts
+    in a table just wide enough (64 sequences of ~1100 tokens, 8 kv heads) splitting cost
+    instead: 0.084 ms unsplit, 0.095 ms with 2 splits. At 4 sequences of 32k tokens, 0.764 ms
+    unsplit and 0.087-0.114 ms with 9-64 splits.
     Depends only on shapes (`max_context` is the block table's capacity), so a captured CUDA
     graph replays as is.
     """
     programs = max(1, batch * num_kv_heads)
-    wanted = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs
+    wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
     tiles = triton.cdiv(max_context, BLOCK_N)
     return max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 

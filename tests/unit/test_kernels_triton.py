@@ -212,6 +212,21 @@ def test_decode_rejects_unsupported_arguments(mode):
             decode(**{**good, **change})
 
 
+def test_decode_splits_a_partial_wave_and_long_contexts_only():
+    """The split choice on an H200's 132 multiprocessors, tables 2048 tokens wide: 512 programs
+    (an 8B model's rank at TP=2, batch 128) split in two, 1024 and more stay whole, few long
+    sequences split many ways, and short tables never split into less than 4 tiles each."""
+    pytest.importorskip("triton")
+    choose = triton_module("triton_decode").choose_num_splits
+    assert choose(128, 4, 2048, 132) == 2
+    assert choose(128, 8, 2048, 132) == 1
+    assert choose(256, 4, 2048, 132) == 1
+    assert choose(64, 4, 2048, 132) == 3
+    assert choose(4, 8, 32768, 132) == 17
+    assert choose(1, 1, 256, 132) == 1  # 4 tiles: one split at least that long
+    assert choose(0, 8, 0, 132) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
 def test_decode_replays_in_a_cuda_graph():

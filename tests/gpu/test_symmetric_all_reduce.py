@@ -30,6 +30,7 @@ def _run(rank: int, init: str, failures) -> None:
             _check_graph(tp, dtype, rank, failures)
             _check_add_norm_graph(tp, dtype, rank, failures)
             _check_add_norm_one_rank_late(tp, dtype, rank, failures)
+            _check_add_norm_signed_zeros(tp, dtype, rank, failures)
     finally:
         leave_group(tp)
 
@@ -155,8 +156,8 @@ def _check_add_norm_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
 
 
 def _check_add_norm_one_rank_late(tp, dtype, rank, failures) -> None:
-    """Back-to-back fused calls of changing row counts (so the kernel's programs make different
-    numbers of calls, and past 128 rows a program takes several), each rank in turn held back
+    """Back-to-back fused calls of changing row counts (past 128 rows a program takes several),
+    each rank in turn held back
     before a call so that the other runs ahead into the next: every result equals NCCL then
     `add_norm`."""
     import torch.distributed as dist
@@ -178,6 +179,31 @@ def _check_add_norm_one_rank_late(tp, dtype, rank, failures) -> None:
         if not torch.allclose(out.float(), want.float(), **tol) or not _same_on_both_ranks(out):
             failures.append(f"rank {rank} {dtype} call {i} ({shapes[i][0]} rows, one rank late): "
                             f"max diff {(out - want).abs().max()}")
+
+
+def _check_add_norm_signed_zeros(tp, dtype, rank, failures) -> None:
+    """Negative zeros (the fused kernel's empty mark) in the inputs: rows of them, scattered
+    ones, and sums that cancel to zero, twice over so each inbox half sees them. Nothing hangs,
+    results equal NCCL then `add_norm` and are identical on both ranks."""
+    import torch.distributed as dist
+
+    norm = _norm(dtype)
+    for call in range(4):
+        x = _inputs((9, 4096), dtype, rank, seed=40 + call)
+        x[0] = -0.0
+        x[1, ::3] = -0.0
+        x[2, ::5] = 0.0
+        base = _inputs((1, 4096), dtype, 0, seed=50)[0]
+        x[3] = base if rank == 0 else -base  # the two parts cancel: the sum is zero
+        summed = x.clone()
+        dist.all_reduce(summed)
+        want, want_res = norm.add_norm(summed, None)
+        out, res = tp.sum_add_norm(x, None, norm)
+        tol = _add_norm_tolerance(dtype)
+        for name, got, expected in (("out", out, want), ("residual", res, want_res)):
+            if not torch.allclose(got.float(), expected.float(), **tol) or not _same_on_both_ranks(got):
+                failures.append(f"rank {rank} {dtype} signed zeros call {call} {name}: "
+                                f"max diff {(got - expected).abs().max()}")
 
 
 def test_one_shot_equals_nccl_on_two_gpus():

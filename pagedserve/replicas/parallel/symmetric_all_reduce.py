@@ -87,17 +87,16 @@ class SymmetricAllReduce:
         # newer kernels copy the input into this rank's buffer themselves: one launch less
         self.copies_in_kernel = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         self.fuses_norm = fused_enabled() and all_reduce_norm.triton is not None
-        self.inbox = self.signals = None
+        self.inbox = None
         if self.fuses_norm:
-            # the fused all-reduce + add + norm's inbox, and its counts: zeroed on every rank
-            # before any is counted
+            # the fused all-reduce + add + norm's inbox: marked empty on every rank before any
+            # peer can write to it (the rendezvous is collective)
             self.inbox = symm_mem.empty(all_reduce_norm.inbox_elements(size, self.world),
                                         dtype=dtype, device=device)
-            self.inbox_ptrs = self._pointers(self.inbox, device)
-            self.signals = symm_mem.empty(all_reduce_norm.signal_pad_elements(self.world),
-                                          dtype=torch.int32, device=device).zero_()
+            all_reduce_norm.fill_with_sentinel(self.inbox)
             torch.cuda.synchronize(device)
-            self.signal_ptrs = self._pointers(self.signals, device)
+            self.inbox_ptrs = self._pointers(self.inbox, device)
+            self.call_counts = all_reduce_norm.new_call_counts(device)
 
     def _pointers(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Every rank's address of its `tensor` (a collective rendezvous), on the device."""
@@ -135,9 +134,9 @@ class SymmetricAllReduce:
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_rms_norm(sum over ranks of x, residual, weight, eps)` in one kernel."""
         return all_reduce_norm.all_reduce_add_rms_norm(
-            x, residual, weight, eps, self.inbox_ptrs, self.buffer.numel(), self.signal_ptrs,
+            x, residual, weight, eps, self.inbox_ptrs, self.buffer.numel(), self.call_counts,
             self.rank, self.world)
 
     def release(self) -> None:
         """Drop the buffers (before the process group is destroyed)."""
-        self.buffer = self.inbox = self.signals = None
+        self.buffer = self.inbox = None

@@ -122,8 +122,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, multiproc
     splits, at 8 kv heads 0.173 and 0.168 ms; 256 sequences at 4 kv heads 0.172 and 0.168 ms.
     Rounding up gives 512 programs their 2 splits and leaves 1024 unsplit. With equal contexts
     in a table just wide enough (64 sequences of ~1100 tokens, 8 kv heads) splitting cost
-    instead: 0.084 ms unsplit, 0.095 ms with 2 splits. At 4 sequences of 32k tokens, 0.764 ms
-    unsplit and 0.087-0.114 ms with 9-64 splits.
+    instead: 0.084 ms unsplit, 0.095-0.096 ms with 2-3 splits. At 4 sequences of 32k tokens,
+    0.76-0.82 ms unsplit and 0.087-0.121 ms with 9-64 splits.
     Depends only on shapes (`max_context` is the block table's capacity), so a captured CUDA
     graph replays as is.
     """

@@ -113,6 +113,17 @@ def _add_norm_tolerance(dtype) -> dict[str, float]:
                                                                         "rtol": 0.02}
 
 
+def _expect_add_norm(failures, tag, dtype, pairs) -> None:
+    """Each (name, fused result, NCCL then `add_norm`) pair is close and identical on both
+    ranks. The rank comparison is a collective, so every rank makes it for every pair."""
+    tol = _add_norm_tolerance(dtype)
+    for name, got, want in pairs:
+        if not torch.allclose(got.float(), want.float(), **tol):
+            failures.append(f"{tag} add_norm {name}: max diff {(got - want).abs().max()}")
+        if not _same_on_both_ranks(got):
+            failures.append(f"{tag} add_norm {name}: differs between ranks")
+
+
 def _check_add_norm(tp, shape, dtype, rank, failures) -> None:
     """The fused all-reduce + residual add + RMSNorm against NCCL then `add_norm`: close (one
     rounding of the two-rank sum may differ in bf16), and identical on both ranks."""
@@ -125,13 +136,8 @@ def _check_add_norm(tp, shape, dtype, rank, failures) -> None:
         dist.all_reduce(summed)
         want_out, want_res = norm.add_norm(summed, residual)
         got_out, got_res = tp.sum_add_norm(x.clone(), residual, norm)
-        tol = _add_norm_tolerance(dtype)
-        tag = f"rank {rank} {dtype} {shape} residual={residual is not None}"
-        for name, got, want in (("out", got_out, want_out), ("residual", got_res, want_res)):
-            if not torch.allclose(got.float(), want.float(), **tol):
-                failures.append(f"{tag} add_norm {name}: max diff {(got - want).abs().max()}")
-            if not _same_on_both_ranks(got):
-                failures.append(f"{tag} add_norm {name}: differs between ranks")
+        _expect_add_norm(failures, f"rank {rank} {dtype} {shape} residual={residual is not None}",
+                         dtype, (("out", got_out, want_out), ("residual", got_res, want_res)))
 
 
 def _check_add_norm_graph(tp, dtype, rank, failures, chain: int = 64) -> None:
@@ -171,14 +177,12 @@ def _check_add_norm_one_rank_late(tp, dtype, rank, failures) -> None:
         if i % 2 == rank:
             torch.cuda._sleep(200_000)  # about 0.1 ms of this rank's stream
         got.append(tp.sum_add_norm(x, None, norm)[0])
-    tol = _add_norm_tolerance(dtype)
     for i, (x, out) in enumerate(zip(inputs, got, strict=True)):
         summed = x.clone()
         dist.all_reduce(summed)
         want, _ = norm.add_norm(summed, None)
-        if not torch.allclose(out.float(), want.float(), **tol) or not _same_on_both_ranks(out):
-            failures.append(f"rank {rank} {dtype} call {i} ({shapes[i][0]} rows, one rank late): "
-                            f"max diff {(out - want).abs().max()}")
+        _expect_add_norm(failures, f"rank {rank} {dtype} call {i} ({shapes[i][0]} rows, one "
+                         "rank late)", dtype, (("out", out, want),))
 
 
 def _check_add_norm_signed_zeros(tp, dtype, rank, failures) -> None:
@@ -199,11 +203,8 @@ def _check_add_norm_signed_zeros(tp, dtype, rank, failures) -> None:
         dist.all_reduce(summed)
         want, want_res = norm.add_norm(summed, None)
         out, res = tp.sum_add_norm(x, None, norm)
-        tol = _add_norm_tolerance(dtype)
-        for name, got, expected in (("out", out, want), ("residual", res, want_res)):
-            if not torch.allclose(got.float(), expected.float(), **tol) or not _same_on_both_ranks(got):
-                failures.append(f"rank {rank} {dtype} signed zeros call {call} {name}: "
-                                f"max diff {(got - expected).abs().max()}")
+        _expect_add_norm(failures, f"rank {rank} {dtype} signed zeros call {call}", dtype,
+                         (("out", out, want), ("residual", res, want_res)))
 
 
 def test_one_shot_equals_nccl_on_two_gpus():

@@ -7,7 +7,7 @@ One Ray cluster, one run: the node's weight store is filled first (as at app sta
 replicas start alternately with their weights from the object store and from disk (the model's
 files are dropped from the page cache before each disk start, with posix_fadvise, which needs no
 root). "Decision" is the moment the replica actor is requested, as Serve's controller does on a
-scale-up; the replica then runs the same start path as a Serve replica (`autoscale.startup`):
+scale-up; the replica then runs the same start path as a Serve replica (`replicas.startup`):
 weight fetch, engine process, weights, KV cache, CUDA graphs, one warm-up generation, and then
 serves one request whose first token ends the measurement. Writes JSON and a timeline PNG.
 """
@@ -29,9 +29,9 @@ except ModuleNotFoundError:  # run as `python benchmarks/scaleup.py`
     import common
     import random_model
 
-from pagedserve.autoscale.weight_store import WeightStores
 from pagedserve.replicas.models.loader import safetensors_files
 from pagedserve.replicas.models.registry import resolve_model_dir
+from pagedserve.replicas.node.weight_store import WeightStores
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]
 
@@ -61,9 +61,9 @@ class NewReplica:
         timer = PhaseTimer()
         timer.add("actor_start", actor_start)
         with timer.phase("replica_imports"):  # what a Serve replica imports before it starts
-            from pagedserve.autoscale.startup import start_engine
             from pagedserve.config import ClusterConfig
             from pagedserve.replicas import deployment  # noqa: F401
+            from pagedserve.replicas.startup import start_engine
             from pagedserve.sampling_params import SamplingParams
 
             cluster = ClusterConfig(**config)

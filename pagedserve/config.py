@@ -104,6 +104,36 @@ class WeightStoreConfig(BaseModel):
     max_gib: float = Field(default=16.0, gt=0)  # the store refuses a model larger than this
 
 
+StandbyMode = Literal["imported", "host", "device"]
+
+
+class StandbyConfig(BaseModel):
+    """Capacity kept ready ahead of demand.
+
+    `parked`: Serve replicas beyond the serving ones, RUNNING and warm, that the router admits
+    nothing to until it needs them (un-parking is a router decision: instant). They hold their
+    Ray resources. `per_node`: engine processes each node keeps ready for the next replica
+    placed there (imports done; per `mode`, weights also in host memory or on a GPU). Standby
+    processes hold no Ray resources.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    parked: int = Field(default=0, ge=0)
+    per_node: int = Field(default=0, ge=0)
+    mode: StandbyMode = "imported"
+
+
+class WarmPrefixConfig(BaseModel):
+    """The cluster's hottest prompt prefixes, prefilled by a new replica before it is ready."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: int = Field(default=4, ge=0)  # 0: off
+    max_tokens: int = Field(default=512, ge=1)  # longest prefix kept and prefilled
+    half_life_s: float = Field(default=300.0, gt=0)  # how fast old hits stop counting
+
+
 class ClusterConfig(BaseModel):
     """Settings of the Serve application: engine, replicas, router and HTTP limits.
 
@@ -130,6 +160,8 @@ class ClusterConfig(BaseModel):
     max_deltas_per_s: float | None = Field(default=2000.0, gt=0)
     autoscaling: AutoscaleConfig | None = None  # None: a fixed `num_replicas`
     weight_store: WeightStoreConfig | None = None  # None: replicas load weights from disk
+    standby: StandbyConfig = Field(default_factory=StandbyConfig)
+    warm_prefixes: WarmPrefixConfig = Field(default_factory=WarmPrefixConfig)
 
     @model_validator(mode="after")
     def _check_replica_count(self) -> ClusterConfig:

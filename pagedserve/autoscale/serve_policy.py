@@ -25,6 +25,7 @@ NUM_WAITING = "num_waiting"
 ROUTER_QUEUE_LEN = "router_queue_len"
 ROUTER_OLDEST_WAIT_S = "router_oldest_wait_s"
 RECENT_TTFT_S = "recent_ttft_s"
+PARKED = "parked"  # 1 while the router keeps the replica parked
 
 _STATE_KEY = "pagedserve"
 
@@ -32,35 +33,47 @@ _STATE_KEY = "pagedserve"
 class ReplicaAutoscalingPolicy:
     """Callable Serve policy: `(AutoscalingContext) -> (replicas, policy_state)`."""
 
-    def __init__(self, running_per_replica: int, **autoscale: object) -> None:
+    def __init__(self, running_per_replica: int, parked: int = 0, **autoscale: object) -> None:
+        """`parked`: replicas kept beyond the serving ones (the router un-parks them)."""
         self.config = AutoscaleConfig(**autoscale)
         self.running_per_replica = self.config.running_per_replica or running_per_replica
+        self.parked = parked
 
     def __call__(self, ctx) -> tuple[int, dict]:
-        signals = signals_from_context(ctx, self.running_per_replica)
-        stored = (ctx.policy_state or {}).get(_STATE_KEY) or {}
+        """Decide the serving replicas; ask Serve for those plus the parked ones."""
+        stored = dict((ctx.policy_state or {}).get(_STATE_KEY) or {})
+        serving_target = stored.pop("serving_target", None)
+        signals = signals_from_context(ctx, self.running_per_replica, self.parked, serving_target)
         target, state = decide(signals, PolicyState(**stored), self.config)
         if target != signals.target_replicas:
-            logger.info("autoscale: %d -> %d replicas (queue %d, oldest wait %.2f s, running %d, "
-                        "kv %.2f, ttft %.2f s)", signals.target_replicas, target,
-                        signals.queue_len, signals.oldest_wait_s, signals.num_running,
-                        signals.max_kv_usage, signals.recent_ttft_s)
-        return target, {_STATE_KEY: asdict(state)}
+            logger.info("autoscale: %d -> %d serving replicas, %d parked (queue %d, oldest wait "
+                        "%.2f s, running %d, kv %.2f, ttft %.2f s)", signals.target_replicas,
+                        target, self.parked, signals.queue_len, signals.oldest_wait_s,
+                        signals.num_running, signals.max_kv_usage, signals.recent_ttft_s)
+        return target + self.parked, {_STATE_KEY: {**asdict(state), "serving_target": target}}
 
 
-def signals_from_context(ctx, running_per_replica: int) -> Signals:
-    """Collapse Serve's per-replica metrics into the policy's `Signals`."""
+def signals_from_context(ctx, running_per_replica: int, parked: int = 0,
+                         serving_target: int | None = None) -> Signals:
+    """Collapse Serve's per-replica metrics into the policy's `Signals`, counting only the
+    serving replicas (a replica whose parked flag averaged over half is parked). The previous
+    serving target is at least the serving count: a replica the router un-parked stays."""
     metrics = ctx.aggregated_metrics or {}
 
     def per_replica(name: str) -> list[float]:
         return [float(v) for v in (metrics.get(name) or {}).values()]
 
+    num_parked = sum(1 for v in per_replica(PARKED) if v >= 0.5) if parked else 0
+    serving = max(0, int(ctx.current_num_replicas) - num_parked)
+    previous = (serving_target if serving_target is not None
+                else max(0, int(ctx.target_num_replicas) - parked))
+
     router_queue = max(per_replica(ROUTER_QUEUE_LEN), default=0.0)
     handle_queue = float(ctx.total_queued_requests or 0.0)
     return Signals(
         now=float(ctx.current_time) if ctx.current_time is not None else 0.0,
-        current_replicas=int(ctx.current_num_replicas),
-        target_replicas=int(ctx.target_num_replicas),
+        current_replicas=serving,
+        target_replicas=max(previous, serving),
         queue_len=round(router_queue + handle_queue),
         oldest_wait_s=max(per_replica(ROUTER_OLDEST_WAIT_S), default=0.0),
         num_running=round(sum(per_replica(NUM_RUNNING)) + sum(per_replica(NUM_WAITING))),
@@ -70,20 +83,26 @@ def signals_from_context(ctx, running_per_replica: int) -> Signals:
     )
 
 
-def serve_autoscaling_config(config: AutoscaleConfig, running_per_replica: int) -> dict:
+def serve_autoscaling_config(config: AutoscaleConfig, running_per_replica: int,
+                             parked: int = 0) -> dict:
     """The `autoscaling_config` of the replica deployment: our policy, with Serve's own delays
-    off (the policy does its own hysteresis)."""
-    kwargs = config.model_dump(exclude={"graceful_shutdown_timeout_s", "membership_poll_s"})
+    off (the policy does its own hysteresis). Serve's bounds count the parked replicas too."""
+    # `running_per_replica` is resolved here: left out of the YAML it is None, and a None
+    # passed on would override the engine's value.
+    kwargs = config.model_dump(exclude={"graceful_shutdown_timeout_s", "membership_poll_s",
+                                        "running_per_replica"})
+    running_per_replica = config.running_per_replica or running_per_replica
     return {
-        "min_replicas": config.min_replicas,
-        "initial_replicas": max(1, config.min_replicas),
-        "max_replicas": config.max_replicas,
+        "min_replicas": config.min_replicas + parked,
+        "initial_replicas": max(1, config.min_replicas) + parked,
+        "max_replicas": config.max_replicas + parked,
         "upscale_delay_s": 0.0,
         "downscale_delay_s": 0.0,
         "look_back_period_s": config.look_back_period_s,
         "metrics_interval_s": config.metrics_interval_s,
         "policy": {
             "policy_function": f"{__name__}:{ReplicaAutoscalingPolicy.__name__}",
-            "policy_kwargs": {"running_per_replica": running_per_replica, **kwargs},
+            "policy_kwargs": {"running_per_replica": running_per_replica, "parked": parked,
+                              **kwargs},
         },
     }

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pagedserve.cluster.parking import Parking
 from pagedserve.config import RouterConfig
 
 
@@ -106,9 +107,11 @@ class ReplicaState:
 class AdmissionQueue:
     """Global FIFO-within-priority queue of requests waiting for a replica with room."""
 
-    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic,
+                 parking: Parking | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.parking = parking if parking is not None else Parking(0, 0, 0.0, clock)
         self.replicas: dict[str, ReplicaState] = {}
         self._heap: list[tuple[int, int, str]] = []
         self._waiting: dict[str, tuple[AdmissionRequest, float]] = {}
@@ -125,12 +128,19 @@ class AdmissionQueue:
         now = self.clock()
         state = self.replicas.get(report.replica_id)
         if state is None:
+            serving = (rid for rid in self.replicas if not self.parking.is_parked(rid))
+            self.parking.place_new(report.replica_id, serving)
             self.replicas[report.replica_id] = ReplicaState(report, now)
         else:
             state.update(report, now)
 
     def remove_replica(self, replica_id: str) -> None:
         self.replicas.pop(replica_id, None)
+        self.parking.forget(replica_id)
+
+    def rebalance_parking(self) -> None:
+        """Park or un-park replicas so the serving count meets `parking.serving_target`."""
+        self.parking.rebalance({rid: s.load for rid, s in self.replicas.items()})
 
     def set_retired(self, replica_ids: set[str]) -> None:
         """Admit nothing more to replicas being stopped, even if they report again.
@@ -139,7 +149,7 @@ class AdmissionQueue:
         """
         self.retired = set(replica_ids)
         for replica_id in self.retired:
-            self.replicas.pop(replica_id, None)
+            self.remove_replica(replica_id)
 
     def release(self, replica_id: str, request_id: str) -> None:
         """Give back a reservation whose request never reached its replica."""
@@ -174,6 +184,8 @@ class AdmissionQueue:
                 heapq.heappop(self._heap)
                 continue
             replica_id = self.choose(entry[0])
+            if replica_id is None and self._unpark_for(entry[0]):
+                replica_id = self.choose(entry[0])
             if replica_id is None:
                 error = self._never_fits(entry[0])
                 if error is None:
@@ -197,7 +209,8 @@ class AdmissionQueue:
         max_waiting = self.config.max_waiting_per_replica
         candidates = [
             (rid, s) for rid, s in self.replicas.items()
-            if rid not in request.exclude and s.has_room(blocks, max_waiting)
+            if rid not in request.exclude and not self.parking.is_parked(rid)
+            and s.has_room(blocks, max_waiting)
         ]
         if not candidates:
             return None
@@ -208,6 +221,17 @@ class AdmissionQueue:
             if matched and state.load <= least[1].load + self.config.imbalance_bound:
                 return best
         return least[0]
+
+    def _unpark_for(self, request: AdmissionRequest) -> bool:
+        """Un-park the parked replica with the most free blocks that has room for `request`."""
+        blocks = self._blocks_needed(request)
+        room = [(s.report.num_free_blocks, rid) for rid, s in self.replicas.items()
+                if self.parking.is_parked(rid) and rid not in request.exclude
+                and s.has_room(blocks, self.config.max_waiting_per_replica)]
+        if not room:
+            return False
+        self.parking.unpark(max(room)[1])
+        return True
 
     def _never_fits(self, request: AdmissionRequest) -> PromptTooLargeError | None:
         """Why `request` can never be placed, if even an idle replica's KV cache is too small.
@@ -241,7 +265,7 @@ class AdmissionQueue:
         stale = [rid for rid, s in self.replicas.items()
                  if now - s.last_seen > self.config.stale_after_s]
         for rid in stale:
-            del self.replicas[rid]
+            self.remove_replica(rid)
         for state in self.replicas.values():
             old = [rid for rid, res in state.reserved.items()
                    if now - res.since > self.config.stale_after_s]

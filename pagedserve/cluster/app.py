@@ -22,6 +22,7 @@ INGRESS_MAX_ONGOING = 4096  # the ingress only waits on I/O
 EXTRA_REPLICA_CALLS = 16  # stats and health calls beside generation streams
 REPLICA_DEPLOYMENT = "Replica"
 GRACEFUL_WAIT_LOOP_S = 0.5  # how often a stopping replica checks that its streams have ended
+PARKED_HOLD_S = 30.0  # a fixed-size deployment parks an extra un-parked replica after this
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -57,22 +58,37 @@ def build_app(args: dict | None = None) -> Application:
 def _replica_count_options(config: ClusterConfig) -> dict:
     """A fixed `num_replicas`, or our autoscaling policy with a drain long enough for streams."""
     autoscale = config.autoscaling
+    parked = config.standby.parked
     if autoscale is None:
-        return {"num_replicas": config.num_replicas}
+        return {"num_replicas": config.num_replicas + parked}
     return {
-        "autoscaling_config": serve_autoscaling_config(autoscale, config.engine.max_num_seqs),
+        "autoscaling_config": serve_autoscaling_config(autoscale, config.engine.max_num_seqs,
+                                                       parked),
         "graceful_shutdown_timeout_s": autoscale.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": GRACEFUL_WAIT_LOOP_S,
     }
 
 
 def _router_extras(config: ClusterConfig) -> dict:
-    """What the router needs beyond admission: whom to drain, and which weights to store."""
-    extras: dict = {}
-    if config.autoscaling is not None:
+    """What the router needs beyond admission: whom to drain, which replicas to park, which
+    prefixes to count, and each node's services (weight store, standby engines)."""
+    extras: dict = {"warm_prefixes": config.warm_prefixes.model_dump()}
+    autoscale = config.autoscaling
+    if autoscale is not None:
         extras["replica_deployment"] = REPLICA_DEPLOYMENT
-        extras["membership_poll_s"] = config.autoscaling.membership_poll_s
+        extras["membership_poll_s"] = autoscale.membership_poll_s
+    if config.standby.parked:
+        serving = max(1, autoscale.min_replicas) if autoscale else config.num_replicas
+        hold_s = autoscale.scale_down_after_s if autoscale else PARKED_HOLD_S
+        extras["parking"] = {"parked": config.standby.parked, "serving_target": serving,
+                             "hold_s": hold_s}
+    services: dict = {"model": config.engine.model}
     store = config.weight_store
     if store is not None and store.enabled:
-        extras["weight_store"] = {"model": config.engine.model, "max_gib": store.max_gib}
+        services["weight_store"] = {"max_gib": store.max_gib}
+    if config.standby.per_node:
+        services["standby"] = {"engine": config.engine.model_dump(), "mode": config.standby.mode,
+                               "per_node": config.standby.per_node}
+    if len(services) > 1:
+        extras["node_services"] = services
     return extras

@@ -46,8 +46,12 @@ class Job:
 class Dispatcher:
     """Admits jobs through the router actor and streams their deltas from the chosen replica."""
 
-    def __init__(self, router, replicas, block_size: int, retry_after_s: int) -> None:
+    def __init__(self, router, replicas, block_size: int, retry_after_s: int,
+                 hot_prefix_tokens: int = 0) -> None:
+        """`hot_prefix_tokens`: how many leading prompt tokens the router gets with each
+        request, to count hot prefixes that new replicas prefill (0: none)."""
         self.router = router
+        self.hot_prefix_tokens = hot_prefix_tokens
         self.replicas = replicas.options(stream=True)
         self._wake_handle = replicas
         self.block_size = block_size
@@ -82,6 +86,8 @@ class Dispatcher:
             "priority": job.priority,
             "exclude": sorted(failed),
         }
+        if self.hot_prefix_tokens and not failed:  # count each request once
+            request["prefix_tokens"] = job.prompt_token_ids[:self.hot_prefix_tokens]
         admission = asyncio.ensure_future(self._admit_call(request))
         try:
             done, _ = await asyncio.wait({admission}, timeout=WAKE_AFTER_S)

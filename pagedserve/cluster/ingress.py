@@ -88,8 +88,10 @@ class IngressDeployment:
         self.router = router
         self.metrics = IngressMetrics()
         self.created = int(time.time())
+        warm = self.config.warm_prefixes
         dispatcher = Dispatcher(router, replicas, self.config.engine.block_size,
-                                self.config.router.retry_after_s)
+                                self.config.router.retry_after_s,
+                                warm.max_tokens if warm.top_k > 0 else 0)
         self.service = OpenAIService(self.config, load_model_info(self.config), dispatcher,
                                      self.metrics)
 

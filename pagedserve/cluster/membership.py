@@ -21,20 +21,22 @@ logger = logging.getLogger(__name__)
 STOPPING_STATES = {"STOPPING"}
 
 
-async def replica_states(app_name: str, deployment_name: str) -> dict[str, str]:
-    """`{replica unique id: state}` of one deployment, as the Serve controller sees it."""
+async def replica_states(app_name: str, deployment_name: str) -> tuple[dict[str, str], int]:
+    """`{replica unique id: state}` of one deployment, as the Serve controller sees it, and
+    the deployment's target replica count."""
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     details = await controller.get_deployment_details.remote(app_name, deployment_name)
-    return {r.replica_id: str(getattr(r.state, "value", r.state)) for r in details.replicas}
+    states = {r.replica_id: str(getattr(r.state, "value", r.state)) for r in details.replicas}
+    return states, int(details.target_num_replicas)
 
 
 async def watch_membership(app_name: str, deployment_name: str, poll_s: float,
-                           on_states: Callable[[dict[str, str]], None]) -> None:
-    """Call `on_states` with the deployment's replica states every `poll_s`, forever."""
+                           on_states: Callable[[dict[str, str], int], None]) -> None:
+    """Call `on_states(states, target)` for the deployment every `poll_s`, forever."""
     warned = False
     while True:
         try:
-            on_states(await replica_states(app_name, deployment_name))
+            on_states(*await replica_states(app_name, deployment_name))
             warned = False
         except Exception as err:  # the controller restarts, or the app is being deleted
             if not warned:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import fields
 
 import ray
 from ray import serve
 from ray.serve.metrics import Counter, Gauge
 
-from pagedserve.autoscale.weight_store import WeightStores
 from pagedserve.cluster.admission import (
     AdmissionQueue,
     AdmissionRequest,
@@ -22,8 +22,11 @@ from pagedserve.cluster.admission import (
     QueueFullError,
     ReplicaReport,
 )
+from pagedserve.cluster.hot_prefixes import HotPrefixes
 from pagedserve.cluster.membership import STOPPING_STATES, watch_membership
-from pagedserve.config import RouterConfig
+from pagedserve.cluster.parking import Parking
+from pagedserve.config import RouterConfig, WarmPrefixConfig
+from pagedserve.replicas.node.services import NodeServices
 
 logger = logging.getLogger(__name__)
 serve_logger = logging.getLogger("ray.serve")  # INFO lines that reach the replica's log file
@@ -36,17 +39,27 @@ class RouterDeployment:
     """Late-bound admission across replicas, with prefix affinity and bounded imbalance."""
 
     def __init__(self, config: dict | None = None, replica_deployment: str | None = None,
-                 membership_poll_s: float = 0.5, weight_store: dict | None = None) -> None:
+                 membership_poll_s: float = 0.5, node_services: dict | None = None,
+                 parking: dict | None = None, warm_prefixes: dict | None = None) -> None:
         """`replica_deployment`: watch that deployment's replicas and drain the ones Serve stops.
-        `weight_store`: `{"model", "max_gib"}` to keep the weights in each node's object store
-        (this node's store starts filling now, before any scale-up)."""
+        `node_services`: `NodeServices` arguments (weight store, standby pool): this node's
+        start now, before any scale-up. `parking`: `Parking` arguments (parked replicas).
+        `warm_prefixes`: a `WarmPrefixConfig` dict (hot prefixes new replicas prefill)."""
         self.config = RouterConfig(**(config or {}))
-        self.queue = AdmissionQueue(self.config)
+        self.parking = Parking(clock=time.monotonic, **(parking or {"parked": 0,
+                                                                   "serving_target": 0,
+                                                                   "hold_s": 0.0}))
+        self.queue = AdmissionQueue(self.config, parking=self.parking)
+        warm = WarmPrefixConfig(**(warm_prefixes or {}))
+        self.hot = HotPrefixes(warm.half_life_s, warm.max_tokens, time.monotonic)
+        self.warm_top_k = warm.top_k
         self._futures: dict[str, asyncio.Future] = {}
         self._queue_len = Gauge("pagedserve_router_queue_len",
                                 description="requests waiting in the router for a replica")
         self._replicas = Gauge("pagedserve_router_replicas",
                                description="replicas reporting capacity to the router")
+        self._parked = Gauge("pagedserve_router_parked_replicas",
+                             description="warm replicas the router admits nothing to (parked)")
         self._expiry: asyncio.Task | None = None
         self._scale = _ScaleMetrics()
         # Autoscaled replicas: drain the ones Serve stops (watched from the first report on,
@@ -54,10 +67,10 @@ class RouterDeployment:
         self._watched = replica_deployment
         self._membership_poll_s = membership_poll_s
         self._watcher: asyncio.Task | None = None
-        self._stores = None
-        if weight_store is not None:
-            self._stores = WeightStores(serve.get_replica_context().app_name, **weight_store)
-            self._stores.for_node(ray.get_runtime_context().get_node_id())
+        self._services = None
+        if node_services is not None:
+            self._services = NodeServices(serve.get_replica_context().app_name, **node_services)
+            self._services.ensure(ray.get_runtime_context().get_node_id())
 
     async def admit(self, request: dict) -> str:
         """Wait until a replica has room for `request`; return that replica's id.
@@ -67,6 +80,9 @@ class RouterDeployment:
         the queue.
         """
         self._ensure_expiry()
+        prefix_tokens = request.pop("prefix_tokens", None)
+        if prefix_tokens:
+            self.hot.record(request.get("block_hashes") or [], prefix_tokens, self._block_size())
         admission = AdmissionRequest(**{**request, "exclude": frozenset(request.get("exclude", ()))})
         future = asyncio.get_running_loop().create_future()
         self.queue.enqueue(admission)  # QueueFullError goes back to the ingress
@@ -90,7 +106,12 @@ class RouterDeployment:
         self._ensure_watcher()
         self.queue.report(ReplicaReport(**{k: v for k, v in report.items() if k in _REPORT_FIELDS}))
         self._dispatch()
-        return {"queue_len": len(self.queue), "oldest_wait_s": self.queue.oldest_wait_s()}
+        return {"queue_len": len(self.queue), "oldest_wait_s": self.queue.oldest_wait_s(),
+                "parked": self.parking.is_parked(report["replica_id"])}
+
+    def hot_prefixes(self) -> list[list[int]]:
+        """Token ids of the cluster's hottest prompt prefixes, for a new replica to prefill."""
+        return self.hot.top(self.warm_top_k)
 
     def release(self, replica_id: str, request_id: str) -> None:
         """An admitted request never reached its replica (its client left first)."""
@@ -106,15 +127,19 @@ class RouterDeployment:
         logger.warning("replica %s failed; no more admissions to it", replica_id)
         self.queue.remove_replica(replica_id)
 
-    def weight_store(self, node_id: str):
-        """The weight store actor of `node_id` (created on first request); None if disabled."""
-        return self._stores.for_node(node_id) if self._stores is not None else None
+    def ensure_node_services(self, node_id: str) -> bool:
+        """Start `node_id`'s weight store and standby pool if it has none (a replica on a new
+        node asks; the router owns them so they live as long as the application)."""
+        if self._services is None:
+            return False
+        self._services.ensure(node_id)
+        return True
 
-    def forget_weight_store(self, node_id: str) -> None:
-        """A replica found this node's store dead: the next replica gets a new one."""
-        if self._stores is not None:
-            logger.warning("weight store on node %s is gone; a new one will be made", node_id)
-            self._stores.forget(node_id)
+    def forget_node_service(self, node_id: str, kind: str) -> None:
+        """A replica found a service of this node dead: the next replica gets a new one."""
+        if self._services is not None:
+            logger.warning("%s on node %s is gone; a new one will be made", kind, node_id)
+            self._services.forget(node_id, kind)
 
     def stats(self) -> dict:
         return {
@@ -124,21 +149,28 @@ class RouterDeployment:
                 rid: {"load": s.load, "num_admitted": s.num_admitted,
                       "num_free_blocks": s.report.num_free_blocks,
                       "num_running": s.report.num_running, "num_waiting": s.report.num_waiting,
-                      "draining": s.report.draining}
+                      "draining": s.report.draining, "parked": self.parking.is_parked(rid)}
                 for rid, s in self.queue.replicas.items()
             },
+            "num_unparked": self.parking.num_unparked,
+            "num_hot_prefixes": len(self.hot),
         }
 
     def num_ready_replicas(self) -> int:
         return sum(1 for s in self.queue.replicas.values() if not s.report.draining)
 
-    def _on_replica_states(self, states: dict[str, str]) -> None:
+    def _on_replica_states(self, states: dict[str, str], target: int) -> None:
         stopping = {rid for rid, state in states.items() if state in STOPPING_STATES}
         for rid in stopping - self.queue.retired:
             serve_logger.info("replica %s is stopping: draining it (no new admissions)", rid)
         self.queue.set_retired(stopping)
         self._scale.observe(states)
+        self.parking.set_deployment_target(target)
+        self.queue.rebalance_parking()
         self._dispatch()
+
+    def _block_size(self) -> int:
+        return max((s.report.block_size for s in self.queue.replicas.values()), default=16)
 
     def _dispatch(self) -> None:
         for request_id, replica_id in self.queue.assign():
@@ -150,6 +182,7 @@ class RouterDeployment:
         self._fail_rejected()
         self._queue_len.set(len(self.queue))
         self._replicas.set(len(self.queue.replicas))
+        self._parked.set(len(self.parking.parked))
 
     def _fail_rejected(self) -> None:
         """End the admissions of requests that no replica could ever hold, with the reason."""
@@ -172,6 +205,7 @@ class RouterDeployment:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_PERIOD_S)
+            self.queue.rebalance_parking()
             self._dispatch()  # assign() drops silent replicas and unconfirmed reservations
 
 

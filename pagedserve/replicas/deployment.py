@@ -20,16 +20,17 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
+import ray
 from ray import serve
 from ray.serve.metrics import Gauge
 
 from pagedserve.autoscale import serve_policy as sp
-from pagedserve.autoscale.startup import report_startup, start_engine
 from pagedserve.config import ClusterConfig
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.replicas.parallel.workers import RankWorkers
+from pagedserve.replicas.startup import report_startup, start_engine
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class ReplicaDeployment:
         timer = PhaseTimer()
         timer.add("replica_imports", time.perf_counter() - _IMPORTED_AT)  # at most once per actor
         self.config = ClusterConfig(**config)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        # Parked until the router says otherwise, when the deployment keeps parked replicas.
+        self.parked = self.config.standby.parked > 0
         self.stopping = False
         self.ranks = None
         if self.config.engine.tensor_parallel_size > 1:
@@ -56,8 +60,9 @@ class ReplicaDeployment:
         # The engine gets a process of its own: streaming to callers keeps this one's event loop
         # busy, and sharing its GIL slowed the engine's steps tenfold on a GPU.
         try:
-            self.engine, self.weights_from = await start_engine(self.config, router, timer,
-                                                                init_method)
+            self.engine, self.weights_from = await start_engine(
+                self.config, router, timer, init_method, context.app_name,
+                [int(g) for g in ray.get_gpu_ids()])
         except BaseException:
             if self.ranks is not None:
                 self.ranks.kill()
@@ -66,6 +71,9 @@ class ReplicaDeployment:
         if self.config.warmup:
             with timer.phase("warmup"):
                 await self._warm_up()
+        if router is not None and self.config.warm_prefixes.top_k > 0:
+            with timer.phase("warm_prefixes"):
+                self.num_warm_prefixes = await self._warm_prefixes(router)
         self.startup_phases = timer.phases
         report_startup(self.replica_id, timer.phases, self.weights_from)
         self.router = router
@@ -107,6 +115,9 @@ class ReplicaDeployment:
         ranks = self.ranks.names if self.ranks is not None else []
         namespace = self.ranks.namespace if self.ranks is not None else None
         return {"replica_id": self.replica_id, "weights_from": self.weights_from,
+                "engine_pid": self.engine.pid, "parked": self.parked,
+                "standby_phases": self.engine.standby_phases,
+                "num_warm_prefixes": getattr(self, "num_warm_prefixes", 0),
                 "startup_phases": self.startup_phases, "rank_workers": ranks,
                 "rank_namespace": namespace, **stats}
 
@@ -130,6 +141,7 @@ class ReplicaDeployment:
             sp.ROUTER_QUEUE_LEN: float(self._router_view["queue_len"]),
             sp.ROUTER_OLDEST_WAIT_S: float(self._router_view["oldest_wait_s"]),
             sp.RECENT_TTFT_S: max((t for when, t in self._ttfts if when >= recent), default=0.0),
+            sp.PARKED: 1.0 if self.parked else 0.0,
         }
 
     async def drain(self) -> None:
@@ -164,6 +176,23 @@ class ReplicaDeployment:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         async for _ in await self.engine.add_request("Hello", params, "warmup"):
             pass
+
+    async def _warm_prefixes(self, router) -> int:
+        """Prefill the cluster's hottest prefixes, so the first requests hit this replica's
+        prefix cache as they would an old replica's. Returns how many were prefilled."""
+        try:
+            prefixes = await router.hot_prefixes.remote()
+        except Exception as err:  # noqa: BLE001 (a cold cache is slower, not wrong)
+            logger.warning("could not read the hot prefixes from the router: %r", err)
+            return 0
+        params = SamplingParams(temperature=0, max_tokens=1)
+
+        async def prefill(i: int, tokens: list[int]) -> None:
+            async for _ in await self.engine.add_request(tokens, params, f"warm-prefix-{i}"):
+                pass
+
+        await asyncio.gather(*(prefill(i, t) for i, t in enumerate(prefixes)))
+        return len(prefixes)
 
     async def _report_loop(self) -> None:
         interval = self.config.router.report_interval_s
@@ -227,6 +256,7 @@ class ReplicaDeployment:
             raise
         if isinstance(view, dict):  # the router's queue, relayed to the autoscaler
             self._router_view = view
+            self.parked = bool(view.get("parked", False))
 
     def _set_gauges(self, stats: EngineStats) -> None:
         self._gauges["running"].set(stats.num_running)
@@ -234,6 +264,7 @@ class ReplicaDeployment:
         self._gauges["free_blocks"].set(stats.num_free_blocks)
         self._gauges["kv_usage"].set(1.0 - stats.num_free_blocks / max(1, stats.num_total_blocks))
         self._gauges["prefix_hit_rate"].set(stats.prefix_cache_hit_rate)
+        self._gauges["parked"].set(1.0 if self.parked else 0.0)
 
 
 def _replica_gauges() -> dict[str, Gauge]:
@@ -243,6 +274,7 @@ def _replica_gauges() -> dict[str, Gauge]:
         "free_blocks": "free KV-cache blocks",
         "kv_usage": "fraction of KV-cache blocks in use",
         "prefix_hit_rate": "fraction of prompt blocks served from the prefix cache",
+        "parked": "1 while the router admits nothing to this warm replica (parked)",
     }
     return {key: Gauge(f"pagedserve_replica_{key}", description=text)
             for key, text in names.items()}

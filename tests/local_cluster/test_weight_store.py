@@ -15,27 +15,30 @@ import torch
 from ray_clusters import own_ray_cluster
 from safetensors.torch import load_file, save_file
 
-from pagedserve.autoscale.startup import start_engine
-from pagedserve.autoscale.weight_store import WeightStores
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
+from pagedserve.replicas.node.services import WEIGHT_STORE, NodeServices, find
+from pagedserve.replicas.startup import start_engine
 from pagedserve.sampling_params import SamplingParams
 
 PROMPT = [5, 17, 33, 101, 7, 250, 12]
+APP = "test-store"
 
 
 @ray.remote(num_cpus=0)
 class StoreRouter:
-    """The two router calls a starting replica makes, backed by the real `WeightStores`."""
+    """The router's two node-service calls a starting replica makes, on real `NodeServices`."""
 
-    def __init__(self, model: str, max_gib: float = 1.0) -> None:
-        self.stores = WeightStores(f"test-{max_gib}", model, max_gib=max_gib)
+    def __init__(self, app_name: str, model: str, max_gib: float = 1.0,
+                 standby: dict | None = None) -> None:
+        self.services = NodeServices(app_name, model, {"max_gib": max_gib}, standby)
 
-    def weight_store(self, node_id: str):
-        return self.stores.for_node(node_id)
+    def ensure_node_services(self, node_id: str) -> bool:
+        self.services.ensure(node_id)
+        return True
 
-    def forget_weight_store(self, node_id: str) -> None:
-        self.stores.forget(node_id)
+    def forget_node_service(self, node_id: str, kind: str) -> None:
+        self.services.forget(node_id, kind)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +64,10 @@ def _config(model) -> ClusterConfig:
                          torch_threads=1, weight_store={"max_gib": 1.0})
 
 
-async def _greedy_tokens(config: ClusterConfig, router) -> tuple[list[int], str, dict]:
+async def _greedy_tokens(config: ClusterConfig, router, app: str = APP
+                         ) -> tuple[list[int], str, dict]:
     timer = PhaseTimer()
-    engine, source = await start_engine(config, router, timer)
+    engine, source = await start_engine(config, router, timer, app_name=app)
     try:
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         tokens = []
@@ -77,17 +81,17 @@ async def _greedy_tokens(config: ClusterConfig, router) -> tuple[list[int], str,
 def test_store_weights_give_disk_tokens_and_a_dead_store_falls_back(bf16_model, local_ray,
                                                                      caplog):
     config = _config(bf16_model)
-    router = StoreRouter.remote(str(bf16_model))
+    router = StoreRouter.remote(APP, str(bf16_model))
 
     async def main():
         from_disk = await _greedy_tokens(config, None)
         from_store = await _greedy_tokens(config, router)
         node = ray.get_runtime_context().get_node_id()
-        store = await router.weight_store.remote(node)
+        store = find(APP, node, WEIGHT_STORE)
         stats = await store.stats.remote()
         ray.kill(store)
         await asyncio.sleep(0.5)
-        with caplog.at_level(logging.WARNING, logger="pagedserve.autoscale.weight_client"):
+        with caplog.at_level(logging.WARNING, logger="pagedserve.replicas.node.weight_client"):
             after_death = await _greedy_tokens(config, router)
         return from_disk, from_store, stats, after_death
 
@@ -103,8 +107,8 @@ def test_store_weights_give_disk_tokens_and_a_dead_store_falls_back(bf16_model, 
 
 def test_a_model_over_the_bound_is_refused_and_replicas_use_disk(bf16_model, local_ray, caplog):
     config = _config(bf16_model)
-    router = StoreRouter.remote(str(bf16_model), max_gib=1e-6)
-    with caplog.at_level(logging.WARNING, logger="pagedserve.autoscale.weight_client"):
-        tokens, source, _ = asyncio.run(_greedy_tokens(config, router))
+    router = StoreRouter.remote(f"{APP}-small", str(bf16_model), 1e-6)
+    with caplog.at_level(logging.WARNING, logger="pagedserve.replicas.node.weight_client"):
+        tokens, source, _ = asyncio.run(_greedy_tokens(config, router, f"{APP}-small"))
     assert source == "disk" and len(tokens) == 12
     assert any("exceed the weight store's bound" in r.getMessage() for r in caplog.records)

@@ -29,22 +29,37 @@ def run_engine_core(config: dict, conn, torch_threads: int | None = None,
     import time
 
     started = time.perf_counter()
+    import torch  # noqa: F401 (timed: the engine's imports are a phase of its start)
+
+    from pagedserve.replicas.engine.llm_engine import LLMEngine  # noqa: F401
+
+    imports_s = time.perf_counter() - started
+    tensors = shared_weights.named_tensors() if shared_weights is not None else None
+    serve_engine(conn, config, torch_threads, init_method, {"engine_imports": imports_s},
+                 tensors=tensors)
+
+
+def serve_engine(conn, config: dict, torch_threads: int | None, init_method: str | None,
+                 phases: dict[str, float], tensors=None, model=None) -> None:
+    """Build the engine, send ("ready", stats, phases) or ("dead", why), then serve `conn`.
+
+    `phases`: what the process did before (imports, a standby's preload), reported with the
+    engine's own phases. `tensors`/`model`: weights from elsewhere than the model's files.
+    """
     import torch
 
     from pagedserve.config import EngineConfig
     from pagedserve.replicas.engine.llm_engine import LLMEngine
 
-    imports_s = time.perf_counter() - started
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        tensors = shared_weights.named_tensors() if shared_weights is not None else None
         engine = LLMEngine(EngineConfig(**config), progress=False, init_method=init_method,
-                           tensors=tensors)
+                           tensors=tensors, model=model)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return
-    conn.send(("ready", engine.stats(), {"engine_imports": imports_s, **engine.startup_phases}))
+    conn.send(("ready", engine.stats(), {**phases, **engine.startup_phases}))
     _EngineCore(engine, conn).serve()
 
 

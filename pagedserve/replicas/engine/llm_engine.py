@@ -55,9 +55,10 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, progress: bool = True,
-                 init_method: str | None = None, tensors=None) -> None:
+                 init_method: str | None = None, tensors=None, model=None) -> None:
         """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
-        the model directory's safetensors files (e.g. the object store)."""
+        the model directory's safetensors files (e.g. the object store); `model`: the model
+        already loaded on this engine's device (a standby engine's), used as it is."""
         self.config = config
         started = time.perf_counter()
         self.model_dir = resolve_model_dir(config.model, progress=progress)
@@ -76,7 +77,7 @@ class LLMEngine:
             self.device = tp.device
         try:
             self.runner = ModelRunner(config, self.spec, self.model_dir, self.device, self.dtype,
-                                      self.eos_token_ids, progress, tp, tensors)
+                                      self.eos_token_ids, progress, tp, tensors, model)
         except BaseException:
             self._leave_group(tp)
             raise

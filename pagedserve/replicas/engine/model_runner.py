@@ -52,7 +52,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_dir: str | Path,
                  device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
                  progress: bool = True, tp: TensorParallel | None = None,
-                 tensors=None) -> None:
+                 tensors=None, model=None) -> None:
+        """`tensors`: the checkpoint's tensors from elsewhere than `model_dir`; `model`: the
+        model already built and loaded on `device` (a standby engine's)."""
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
         self.block_size = config.block_size
         self.tp = tp
@@ -61,7 +63,8 @@ class ModelRunner:
         if tp is not None:
             tp.use_one_shot_all_reduce(dtype)
         with self.timer.phase("weights"):
-            self.model = load_model(spec, model_dir, dtype, device, progress, tp, tensors)
+            self.model = model if model is not None else load_model(
+                spec, model_dir, dtype, device, progress, tp, tensors)
         with self.timer.phase("kv_cache"):
             self.num_blocks = self._num_kv_blocks()
             # [layers, K/V, blocks, block_size, kv_heads, head_dim]: one allocation per replica

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import threading
 import time
+from multiprocessing.connection import Client
 
 from pagedserve.config import EngineConfig
 from pagedserve.replicas.engine.engine_core import run_engine_core
@@ -21,6 +23,7 @@ from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.replicas.engine.wire import decode_output
 
 START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles
+ALIVE_CHECK_S = 0.5  # while waiting for the engine, check this often that it still runs
 
 
 class ProcessEngine(EngineFront):
@@ -28,25 +31,38 @@ class ProcessEngine(EngineFront):
 
     def __init__(self, config: EngineConfig, torch_threads: int | None = None,
                  max_deltas_per_s: float | None = None, init_method: str | None = None,
-                 shared_weights=None) -> None:
+                 shared_weights=None, standby: dict | None = None,
+                 gpu_ids: list[int] | None = None) -> None:
         """`max_deltas_per_s`: see `EngineFront`; `init_method`: where the other
         tensor-parallel ranks wait for this engine (rank 0); `shared_weights`: a
-        `SharedWeights` to load instead of the model's files."""
+        `SharedWeights` to load instead of the model's files; `standby`: a claimed standby
+        engine process (`StandbyPool.claim`) to adopt instead of spawning one; `gpu_ids`:
+        this replica's GPUs, which an adopted standby selects."""
         started = time.perf_counter()
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(
-            target=run_engine_core, name="pagedserve-engine-core", daemon=True,
-            args=(config.model_dump(), child, torch_threads, init_method, shared_weights))
-        self._process.start()
-        child.close()
+        if standby is not None:
+            self._conn = Client(standby["address"], family="AF_UNIX", authkey=standby["authkey"])
+            self._process = AdoptedProcess(standby["pid"])
+            self._conn.send(("adopt", config.model_dump(), torch_threads, init_method,
+                             list(gpu_ids or []), shared_weights))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            self._process = ctx.Process(
+                target=run_engine_core, name="pagedserve-engine-core", daemon=True,
+                args=(config.model_dump(), child, torch_threads, init_method, shared_weights))
+            self._process.start()
+            child.close()
         super().__init__(max_deltas_per_s)
         self._send_lock = threading.Lock()
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stats, phases = self._wait_ready()
         total = time.perf_counter() - started
-        # What the engine did not time itself: spawning the process, pipes, unpickling.
-        self.startup_phases = {"engine_process": max(0.0, total - sum(phases.values())), **phases}
+        # What the engine did not time itself: spawning the process, pipes, unpickling. An
+        # adopted standby's imports and preload happened before (reported, not counted here).
+        own = {k: v for k, v in phases.items() if not k.startswith("standby_")}
+        self.startup_phases = {"engine_process": max(0.0, total - sum(own.values())), **own}
+        self.standby_phases = {k: v for k, v in phases.items() if k.startswith("standby_")}
+        self.pid = self._process.pid
         self._reader = threading.Thread(target=self._read, name="pagedserve-engine-reader",
                                         daemon=True)
         self._reader.start()
@@ -91,10 +107,21 @@ class ProcessEngine(EngineFront):
             self._conn.send(msg)
 
     def _wait_ready(self) -> EngineStats:
-        if not self._conn.poll(START_TIMEOUT_S):
-            self._process.kill()
-            raise RuntimeError(f"the engine process did not start in {START_TIMEOUT_S:.0f} s")
-        kind, value, *phases = self._conn.recv()
+        """The engine's ready message; raises if it dies, fails or takes too long first."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._conn.poll(ALIVE_CHECK_S):
+            if not self._process.is_alive():
+                raise RuntimeError(f"the engine process exited while starting (exit code "
+                                   f"{self._process.exitcode})")
+            if time.monotonic() > deadline:
+                self._process.kill()
+                raise RuntimeError(f"the engine process did not start in {START_TIMEOUT_S:.0f} s")
+        try:
+            kind, value, *phases = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError(f"the engine process exited while starting (exit code "
+                               f"{self._process.exitcode})") from None
         if kind != "ready":
             self._process.join(5)
             raise RuntimeError(value)
@@ -141,3 +168,30 @@ class ProcessEngine(EngineFront):
         for loop, future in list(self._pending.values()):
             loop.call_soon_threadsafe(settle, future, None, dead)
 
+
+
+class AdoptedProcess:
+    """An engine process this replica adopted (a standby's): not our child, known by pid.
+
+    Its parent (the node's standby pool) reaps it; a zombie counts as exited.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exitcode = None
+
+    def is_alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 9)
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -14,22 +14,25 @@ import logging
 import ray
 
 from pagedserve.replicas.models.shared_weights import SharedWeights, pack
+from pagedserve.replicas.node.services import WEIGHT_STORE, find_or_ask
 
 logger = logging.getLogger(__name__)
 
 
-async def fetch_shared_weights(router, timeout_s: float) -> SharedWeights | None:
-    """The node's weights from its store via the router, or None (load from disk)."""
+async def fetch_shared_weights(app_name: str, router, timeout_s: float) -> SharedWeights | None:
+    """The node's weights from its store (found by name), or None (load from disk)."""
     node_id = ray.get_runtime_context().get_node_id()
     try:
-        store = await router.weight_store.remote(node_id)
+        store = await find_or_ask(router, app_name, node_id, WEIGHT_STORE)
+        if store is None:
+            raise LookupError(f"node {node_id[:16]} has no weight store")
         listing = await asyncio.wait_for(store.tensors.remote(), timeout_s)
         return await asyncio.get_running_loop().run_in_executor(None, _read_and_pack, listing)
     except Exception as err:  # noqa: BLE001 (any failure here has the same remedy: disk)
         logger.warning("weight store unavailable (%s); loading the weights from disk",
                        _short(err))
         if isinstance(err, ray.exceptions.RayActorError | asyncio.TimeoutError):
-            await _forget_store(router, node_id)
+            await forget_service(router, node_id, WEIGHT_STORE)
         return None
 
 
@@ -39,11 +42,14 @@ def _read_and_pack(listing: dict) -> SharedWeights:
     return pack({n: (a, listing[n][1]) for n, a in zip(names, arrays, strict=True)})
 
 
-async def _forget_store(router, node_id: str) -> None:
+async def forget_service(router, node_id: str, kind: str) -> None:
+    """Tell the router a service of this node is dead (best effort)."""
+    if router is None:
+        return
     try:
-        await router.forget_weight_store.remote(node_id)
+        await router.forget_node_service.remote(node_id, kind)
     except Exception as err:  # noqa: BLE001 (best effort: the next replica tries again)
-        logger.warning("could not tell the router the weight store died: %r", err)
+        logger.warning("could not tell the router the %s died: %r", kind, err)
 
 
 def _short(err: BaseException) -> str:

@@ -13,10 +13,11 @@ import logging
 
 from ray.serve.metrics import Counter, Histogram
 
-from pagedserve.autoscale.weight_client import fetch_shared_weights
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.engine.process_engine import ProcessEngine
 from pagedserve.replicas.engine.startup_phases import PhaseTimer, format_phases
+from pagedserve.replicas.node.standby_client import claim_standby
+from pagedserve.replicas.node.weight_client import fetch_shared_weights
 
 # Serve's own logger: its INFO lines reach the replica and controller log files (ours would
 # stop at the root logger's WARNING level).
@@ -27,25 +28,34 @@ PHASE_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
 
 
 async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
-                       init_method: str | None = None) -> tuple[ProcessEngine, str]:
-    """The replica's engine, with its weights from the node's store when there is one.
+                       init_method: str | None = None, app_name: str = "pagedserve",
+                       gpu_ids: list[int] | None = None) -> tuple[ProcessEngine, str]:
+    """The replica's engine: an adopted standby of its node, else a new process, with its
+    weights from the node's store when there is one.
 
-    Returns the engine and where its weights came from: "object_store" or "disk".
+    Returns the engine and where it came from: "standby_<mode>", "object_store" or "disk".
     """
+    standby = None
+    if config.standby.per_node > 0:
+        with timer.phase("standby_claim"):
+            standby = await claim_standby(config, router, app_name, gpu_ids or [])
     shared = None
-    if config.weight_store is not None and config.weight_store.enabled and router is not None:
+    wants_store = standby is None or standby["mode"] == "imported"
+    if wants_store and config.weight_store is not None and config.weight_store.enabled:
         with timer.phase("weight_fetch"):
-            shared = await fetch_shared_weights(router, STORE_WAIT_S)
+            shared = await fetch_shared_weights(app_name, router, STORE_WAIT_S)
     loop = asyncio.get_running_loop()
     try:
         engine = await loop.run_in_executor(None, functools.partial(
             ProcessEngine, config.engine, config.torch_threads,
             max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
-            shared_weights=shared))
+            shared_weights=shared, standby=standby, gpu_ids=gpu_ids))
     finally:
         if shared is not None:
             shared.unlink()  # the engine copied the tensors out (or failed)
     timer.update(engine.startup_phases)
+    if standby is not None:
+        return engine, f"standby_{standby['mode']}"
     return engine, "object_store" if shared is not None else "disk"
 
 

@@ -6,7 +6,8 @@ Arrays are numpy (bfloat16 as uint16 bits). The listing is one ref per checkpoin
 so a tensor-parallel rank can fetch only the tensors it shards (and a sharded store can later
 hand out refs per shard under the same names).
 
-The router owns the stores (`WeightStores`), so they live exactly as long as the application.
+The router creates the stores (`services.NodeServices`), so they live exactly as long as the
+application; replicas find their node's by name.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import logging
 import time
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
 STORE_NAME_PREFIX = "pagedserve-weights"
+
+
+def store_name(app_name: str, node_id: str) -> str:
+    return f"{STORE_NAME_PREFIX}-{app_name}-{node_id[:16]}"
 
 
 @ray.remote(num_cpus=0)
@@ -58,27 +62,3 @@ class WeightStore:
         """Memory held in the object store, for operators and metrics."""
         return {"num_tensors": len(self._tensors), "bytes": self._nbytes,
                 "load_s": self._load_s, "node_id": ray.get_runtime_context().get_node_id()}
-
-
-class WeightStores:
-    """The router's stores, one per node, created on first request for that node."""
-
-    def __init__(self, app_name: str, model: str | None, max_gib: float) -> None:
-        self.app_name, self.model = app_name, model
-        self.max_bytes = int(max_gib * 2**30)
-        self._stores: dict[str, ray.actor.ActorHandle] = {}
-
-    def for_node(self, node_id: str) -> ray.actor.ActorHandle:
-        """This node's store, created (and filled in the background) if it has none yet."""
-        store = self._stores.get(node_id)
-        if store is None:
-            store = WeightStore.options(
-                name=f"{STORE_NAME_PREFIX}-{self.app_name}-{node_id[:16]}",
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self.model, self.max_bytes)
-            self._stores[node_id] = store
-        return store
-
-    def forget(self, node_id: str) -> None:
-        """Drop a store that died, so the next request for its node makes a new one."""
-        self._stores.pop(node_id, None)

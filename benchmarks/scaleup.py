@@ -1,15 +1,20 @@
-"""Scale-up: time from the scale decision to a new replica's first served token, per phase.
+"""Scale-up: time from the scale decision to a new replica's first served token, per path.
 
     python benchmarks/scaleup.py                    # CPU, the embedded default model
     python benchmarks/scaleup.py --device cuda      # one GPU, a random-weight 1B-shaped Llama
 
-One Ray cluster, one run: the node's weight store is filled first (as at app start), then new
-replicas start alternately with their weights from the object store and from disk (the model's
-files are dropped from the page cache before each disk start, with posix_fadvise, which needs no
-root). "Decision" is the moment the replica actor is requested, as Serve's controller does on a
-scale-up; the replica then runs the same start path as a Serve replica (`replicas.startup`):
-weight fetch, engine process, weights, KV cache, CUDA graphs, one warm-up generation, and then
-serves one request whose first token ends the measurement. Writes JSON and a timeline PNG.
+One Ray cluster, one run, every path next to `disk`:
+- `decision_to_first_token_s` (the replica's own start, per phase), for `disk`,
+  `object_store`, `standby_host` and `standby_device`: "decision" is the moment the replica
+  actor is requested, as Serve's controller does on a scale-up; the replica then runs the same
+  start path as a Serve replica (`replicas.startup`): a standby claimed from the node's pool
+  (ready beforehand: that is the point of one), or weight fetch and a new engine process, then
+  weights, KV cache, CUDA graphs, one warm-up generation, and one request whose first token
+  ends the measurement. The model's files are dropped from the page cache before each disk
+  start (posix_fadvise, no root needed).
+- `burst_to_first_token_s` (end to end through Serve and HTTP, `scaleup_burst`), for
+  `--burst-paths` (default: parked and the standby paths).
+Writes JSON (`summary[path]`) and a timeline PNG.
 """
 
 from __future__ import annotations
@@ -31,30 +36,41 @@ except ModuleNotFoundError:  # run as `python benchmarks/scaleup.py`
 
 from pagedserve.replicas.models.loader import safetensors_files
 from pagedserve.replicas.models.registry import resolve_model_dir
-from pagedserve.replicas.node.weight_store import WeightStores
+from pagedserve.replicas.node.services import STANDBY_POOL, WEIGHT_STORE, NodeServices, find
+
+try:
+    from benchmarks import scaleup_burst
+except ModuleNotFoundError:  # run as `python benchmarks/scaleup.py`
+    import scaleup_burst
+
+DECISION_PATHS = ("disk", "object_store", "standby_host", "standby_device")
+BURST_PATHS = ("parked", "standby_device", "standby_host")
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]
 
 
 @ray.remote(num_cpus=0)
-class StoreDirectory:
-    """The router's weight-store calls, without the rest of the application."""
+class Directory:
+    """The router's node-service calls, without the rest of the application."""
 
-    def __init__(self, model: str | None, max_gib: float) -> None:
-        self.stores = WeightStores("scaleup", model, max_gib)
+    def __init__(self, app: str, model: str | None, max_gib: float | None,
+                 standby: dict | None) -> None:
+        store = {"max_gib": max_gib} if max_gib is not None else None
+        self.services = NodeServices(app, model, store, standby)
 
-    def weight_store(self, node_id: str):
-        return self.stores.for_node(node_id)
+    def ensure_node_services(self, node_id: str) -> bool:
+        self.services.ensure(node_id)
+        return True
 
-    def forget_weight_store(self, node_id: str) -> None:
-        self.stores.forget(node_id)
+    def forget_node_service(self, node_id: str, kind: str) -> None:
+        self.services.forget(node_id, kind)
 
 
 @ray.remote
 class NewReplica:
     """A replica started on demand; `run` returns its phases up to the first served token."""
 
-    async def run(self, config: dict, directory, decided_at: float) -> dict:
+    async def run(self, config: dict, directory, app: str, decided_at: float) -> dict:
         actor_start = time.time() - decided_at  # the actor's process, up to this call
         from pagedserve.replicas.engine.startup_phases import PhaseTimer
 
@@ -67,7 +83,8 @@ class NewReplica:
             from pagedserve.sampling_params import SamplingParams
 
             cluster = ClusterConfig(**config)
-        engine, source = await start_engine(cluster, directory, timer)
+        engine, source = await start_engine(cluster, directory, timer, app_name=app,
+                                            gpu_ids=[int(g) for g in ray.get_gpu_ids()])
         try:
             with timer.phase("warmup"):
                 await _generate(engine, SamplingParams(temperature=0, max_tokens=4), "warmup")
@@ -98,61 +115,118 @@ def drop_page_cache(model_dir: Path) -> bool:
     return True
 
 
-def start_replica(config: dict, directory, use_store: bool, num_gpus: float) -> dict:
-    settings = {**config, "weight_store": {"max_gib": config["weight_store"]["max_gib"],
-                                           "enabled": use_store}}
+def path_config(config: dict, path: str) -> dict:
+    store = path == "object_store"
+    standby = ({"per_node": 1, "mode": path.removeprefix("standby_")}
+               if path.startswith("standby_") else {"per_node": 0})
+    return {**config, "standby": standby,
+            "weight_store": {"max_gib": config["weight_store"]["max_gib"], "enabled": store}}
+
+
+def start_replica(config: dict, directory, app: str, num_gpus: float) -> dict:
     decided_at = time.time()
     replica = NewReplica.options(num_cpus=1, num_gpus=num_gpus).remote()
     try:
-        return ray.get(replica.run.remote(settings, directory, decided_at))
+        return ray.get(replica.run.remote(config, directory, app, decided_at))
     finally:
         ray.kill(replica)
+
+
+def wait_standby_ready(app: str, timeout_s: float = 600.0) -> None:
+    """A standby path's pool has one ready (it is made ahead of demand, before the decision)."""
+    deadline = time.monotonic() + timeout_s
+    node = ray.get_runtime_context().get_node_id()
+    while time.monotonic() < deadline:
+        pool = find(app, node, STANDBY_POOL)
+        if pool is not None and ray.get(pool.stats.remote())["ready"] >= 1:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no standby of {app} was ready in {timeout_s:.0f} s")
+
+
+def directories(model: str | None, max_gib: float, config: dict, paths: list[str]) -> dict:
+    """One service directory per path (each standby mode has its own pool), started now."""
+    out, node = {}, ray.get_runtime_context().get_node_id()
+    for path in paths:
+        app = f"scaleup-{path}"
+        standby = None
+        if path.startswith("standby_"):
+            standby = {"engine": config["engine"], "per_node": 1,
+                       "mode": path.removeprefix("standby_")}
+        store_gib = max_gib if path == "object_store" else None  # one copy in the store
+        out[path] = (app, Directory.remote(app, model, store_gib, standby))
+        ray.get(out[path][1].ensure_node_services.remote(node))
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
     model = args.model or (str(_random_model(args)) if args.device == "cuda" else None)
     model_dir = resolve_model_dir(model, progress=True)
-    config = {"engine": {"model": model, "device": args.device, "max_num_seqs": 16,
+    config = {"engine": {"model": model, "device": args.device, "max_num_seqs": args.max_num_seqs,
                          "num_kvcache_blocks": args.kv_blocks},
               "torch_threads": args.torch_threads, "weight_store": {"max_gib": args.max_gib}}
+    paths = [p for p in args.paths.split(",") if p]
     ray.init(num_cpus=max(4, os.cpu_count() or 4), include_dashboard=False,
              logging_level="warning")
     try:
-        directory = StoreDirectory.remote(model, args.max_gib)
-        started = time.perf_counter()
-        store = ray.get(directory.weight_store.remote(ray.get_runtime_context().get_node_id()))
-        store_stats = ray.get(store.stats.remote())
-        store_stats["fill_s"] = time.perf_counter() - started
+        dirs = directories(model, args.max_gib, config, paths)
+        store_stats = {}
+        if "object_store" in dirs:
+            started = time.perf_counter()
+            store = find(dirs["object_store"][0], ray.get_runtime_context().get_node_id(),
+                         WEIGHT_STORE)
+            store_stats = ray.get(store.stats.remote())
+            store_stats["fill_s"] = time.perf_counter() - started
         runs, cache_dropped = [], False
         num_gpus = 1 if args.device == "cuda" else 0
         for i in range(args.repeats):
-            for use_store in (False, True) if i % 2 == 0 else (True, False):
-                if not use_store:
+            for path in paths if i % 2 == 0 else reversed(paths):
+                app, directory = dirs[path]
+                if path == "disk":
                     cache_dropped = drop_page_cache(model_dir)
-                runs.append(start_replica(config, directory, use_store, num_gpus))
-                print(f"{runs[-1]['weights_from']:>12}: "
-                      f"{runs[-1]['decision_to_first_token_s']:.2f} s to the first token")
+                if path.startswith("standby_"):
+                    wait_standby_ready(app)
+                runs.append({"path": path, **start_replica(path_config(config, path), directory,
+                                                           app, num_gpus)})
+                print(f"{path:>15}: {runs[-1]['decision_to_first_token_s']:.2f} s to the "
+                      f"first token (engine from {runs[-1]['weights_from']})", flush=True)
+        for directory in dirs.values():
+            ray.kill(directory[1])
+        bursts = {}
+        for path in [p for p in args.burst_paths.split(",") if p]:
+            burst_args = scaleup_burst.app_args(
+                {**config["engine"]}, path, args.torch_threads, num_gpus / 2 if num_gpus else 0,
+                args.max_gib)
+            bursts[path] = scaleup_burst.run_path(path, burst_args, args.repeats, PROMPT)
+            print(f"{path:>15}: {bursts[path]['burst_to_first_token_s']:.2f} s from the burst "
+                  "to the new capacity's first token", flush=True)
     finally:
         ray.shutdown()
     return {"benchmark": "scaleup", **common.environment(args.device), "model": str(model_dir),
             "page_cache_dropped": cache_dropped, "weight_store": store_stats,
-            "runs": runs, "summary": summarize(runs)}
+            "runs": runs, "bursts": bursts, "summary": summarize(runs, bursts)}
 
 
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for source in ("object_store", "disk"):
-        mine = [r for r in runs if r["weights_from"] == source]
-        if not mine:
-            continue
+def summarize(runs: list[dict], bursts: dict | None = None) -> dict:
+    """Per path: medians of `decision_to_first_token_s` and its phases, and of
+    `burst_to_first_token_s`; each path's ratio to `disk`."""
+    out: dict = {}
+    for path in dict.fromkeys(r["path"] for r in runs):
+        mine = [r for r in runs if r["path"] == path]
         phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in mine)
                   for p in mine[0]["phases"]}
-        out[source] = {"decision_to_first_token_s":
-                       statistics.median(r["decision_to_first_token_s"] for r in mine),
-                       "phases_s": phases}
-    if "object_store" in out and "disk" in out:
-        out["speedup"] = (out["disk"]["decision_to_first_token_s"]
-                          / out["object_store"]["decision_to_first_token_s"])
+        out[path] = {"decision_to_first_token_s":
+                     statistics.median(r["decision_to_first_token_s"] for r in mine),
+                     "decision_to_first_token_all_s":
+                     [r["decision_to_first_token_s"] for r in mine],
+                     "phases_s": phases}
+    for path, burst in (bursts or {}).items():
+        out.setdefault(path, {})["burst_to_first_token_s"] = burst["burst_to_first_token_s"]
+        out[path]["burst_to_first_token_all_s"] = burst["burst_to_first_token_all_s"]
+    disk = out.get("disk", {}).get("decision_to_first_token_s")
+    for row in out.values():
+        if disk and "decision_to_first_token_s" in row:
+            row["speedup_vs_disk"] = disk / row["decision_to_first_token_s"]
     return out
 
 
@@ -162,18 +236,16 @@ def _random_model(args: argparse.Namespace) -> Path:
 
 
 def print_table(summary: dict) -> None:
-    phases = list(dict.fromkeys(p for s in ("disk", "object_store") if s in summary
-                                for p in summary[s]["phases_s"]))
-    rows = [{"phase": p, **{s: summary[s]["phases_s"].get(p) for s in ("disk", "object_store")
-                            if s in summary}} for p in phases]
-    rows.append({"phase": "decision -> first token",
-                 **{s: summary[s]["decision_to_first_token_s"] for s in ("disk", "object_store")
-                    if s in summary}})
-    columns = [("phase", "phase", "s")] + [(s, f"{s} s", ".2f") for s in ("disk", "object_store")
-                                           if s in summary]
+    paths = list(summary)
+    phases = list(dict.fromkeys(p for s in paths for p in summary[s].get("phases_s", {})))
+    rows = [{"phase": p, **{s: summary[s].get("phases_s", {}).get(p) for s in paths}}
+            for p in phases]
+    for key, label in (("decision_to_first_token_s", "decision -> first token"),
+                       ("burst_to_first_token_s", "burst -> first token (HTTP)"),
+                       ("speedup_vs_disk", "speedup vs disk (decision)")):
+        rows.append({"phase": label, **{s: summary[s].get(key) for s in paths}})
+    columns = [("phase", "phase", "s")] + [(s, s, ".2f") for s in paths]
     print(common.format_table(rows, columns))
-    if "speedup" in summary:
-        print(f"object store vs disk: {summary['speedup']:.2f}x faster")
 
 
 def write_timeline(result: dict, out: Path) -> None:
@@ -186,7 +258,7 @@ def write_timeline(result: dict, out: Path) -> None:
     except ImportError:
         return
     runs = result["runs"]
-    fig, ax = plt.subplots(figsize=(9, 1 + 0.5 * len(runs)))
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.5 * len(runs)))
     colors: dict[str, tuple] = {}
     for row, r in enumerate(runs):
         left = 0.0
@@ -195,10 +267,11 @@ def write_timeline(result: dict, out: Path) -> None:
             color = colors.setdefault(phase, plt.get_cmap("tab20")(len(colors) % 20))
             ax.barh(row, seconds, left=left, color=color, label=phase if first_use else None)
             left += seconds
-    ax.set_yticks(range(len(runs)), [f"{i}: {r['weights_from']}" for i, r in enumerate(runs)])
+    ax.set_yticks(range(len(runs)), [f"{i}: {r['path']}" for i, r in enumerate(runs)])
     ax.set_xlabel("seconds from the scale decision")
     ax.set_title(f"scale-up to first token ({result['device_name']})")
-    ax.legend(fontsize=7, loc="lower right")
+    # Outside the axes, so the legend never covers a bar.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(timeline_path(out))
     plt.close(fig)
@@ -214,7 +287,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="HF model dir or .gguf (default: the embedded model on cpu, "
                    "a random-weight model of --model-shape on cuda)")
     p.add_argument("--model-shape", choices=tuple(random_model.SHAPES), default="1b")
-    p.add_argument("--repeats", type=int, default=2, help="starts per weight source")
+    p.add_argument("--repeats", type=int, default=3, help="starts per path")
+    p.add_argument("--paths", default=",".join(DECISION_PATHS),
+                   help="replica-start paths to time (comma-separated)")
+    p.add_argument("--burst-paths", default=",".join(BURST_PATHS),
+                   help="end-to-end paths through Serve and HTTP ('' for none)")
+    p.add_argument("--max-num-seqs", type=int, default=4,
+                   help="per replica; a burst is this plus one request")
     p.add_argument("--kv-blocks", type=int, default=None, help="fixed KV blocks (default: sized)")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--max-gib", type=float, default=16.0, help="weight store bound")
@@ -228,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(result["summary"])
     out = args.out or common.default_out("scaleup", args.device)
     bars = {s: v["decision_to_first_token_s"] for s, v in result["summary"].items()
-            if isinstance(v, dict)}
+            if "decision_to_first_token_s" in v}
     common.write_results(result, out, bars=bars, ylabel="decision to first token (s)")
     write_timeline(result, out)
     print(f"wrote {out}, {out.with_suffix('.png')} and {timeline_path(out)}")

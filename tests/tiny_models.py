@@ -14,6 +14,9 @@ TINY_VOCAB = 512
 TINY_CONFIGS = {
     "llama-gqa-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-gqa-tied-long": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=2048)),
     "llama-mha-untied-rope-llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

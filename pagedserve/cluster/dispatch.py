@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -110,9 +111,12 @@ class Dispatcher:
         Serve's autoscaler, which then starts a replica; the call returns once one is up."""
         if await self.router.num_ready_replicas.remote() == 0:
             logger.info("no replica is running; waiting for one to start")
+            started = time.monotonic()
             with own_serve_request():
                 ready = self._wake_handle.ready.remote()
             await ready
+            logger.warning("waited %.2f s for a replica to start (scaled to zero)",
+                           time.monotonic() - started)
 
     async def _call(self, job: Job, replica_id: str, attempt: int) -> AsyncIterator[RequestOutput]:
         engine_request_id = job.request_id if attempt == 0 else f"{job.request_id}-retry{attempt}"

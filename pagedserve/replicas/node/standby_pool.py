@@ -33,6 +33,7 @@ logger = logging.getLogger("ray.serve")
 POOL_NAME_PREFIX = "pagedserve-standby"
 WATCH_PERIOD_S = 0.5
 START_TIMEOUT_S = 600.0  # a standby's imports and preload; it is replaced if it takes longer
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # after a standby failed before it was ready
 
 
 def pool_name(app_name: str, node_id: str) -> str:
@@ -66,6 +67,7 @@ class StandbyPool:
         self._adopted: list[_Standby] = []
         self.counts = {"spawned": 0, "claimed": 0, "replaced": 0, "failed": 0}
         self._serial = 0
+        self._backoff_s, self._respawn_at = 0.0, 0.0
         for _ in range(per_node):
             self._spawn()
         self._watcher: asyncio.Task | None = None
@@ -129,12 +131,16 @@ class StandbyPool:
             stuck = not standby.ready and time.monotonic() - standby.started > START_TIMEOUT_S
             if standby.process.is_alive() and not stuck:
                 continue
-            logger.warning("standby engine %s %s; starting another", standby.process.pid,
+            self._backoff_s = min(MAX_BACKOFF_S, max(FIRST_BACKOFF_S, 2 * self._backoff_s))
+            self._respawn_at = time.monotonic() + (0.0 if standby.ready else self._backoff_s)
+            logger.warning("standby engine %s %s; starting another%s", standby.process.pid,
                            "did not start in time" if stuck else
-                           f"exited ({standby.process.exitcode})")
+                           f"exited ({standby.process.exitcode})",
+                           "" if standby.ready else f" in {self._backoff_s:.0f} s")
             standby.process.kill()
             self._standbys.remove(standby)
             self.counts["replaced"] += 1
+        while len(self._standbys) < self.per_node and time.monotonic() >= self._respawn_at:
             self._spawn()
         self._adopted = [s for s in self._adopted if s.process.is_alive()]
 
@@ -144,6 +150,7 @@ class StandbyPool:
                 message = standby.control.recv()
                 if message[0] == "ready":
                     standby.ready, standby.phases = True, message[2]
+                    self._backoff_s = 0.0
                 elif message[0] == "failed":
                     self.counts["failed"] += 1
                     logger.warning("standby engine failed to start: %s", message[1])

@@ -1,0 +1,67 @@
+"""The Serve adapter of the autoscaling policy, built from the shipped configs' `args` exactly
+as `build_app` builds it, and called with contexts like Serve's controller passes."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from pagedserve.autoscale import serve_policy as sp
+from pagedserve.cluster.app import _replica_count_options
+from pagedserve.config import ClusterConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "ray_configs"
+
+
+def shipped_args(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())["applications"][0]["args"]
+
+
+def policy_from(args: dict) -> tuple[sp.ReplicaAutoscalingPolicy, dict]:
+    """The policy object Serve's controller would build from the deployment options."""
+    options = _replica_count_options(ClusterConfig(**args))["autoscaling_config"]
+    policy = options["policy"]
+    module, name = policy["policy_function"].split(":")
+    assert module == sp.__name__
+    return getattr(sp, name)(**policy["policy_kwargs"]), options
+
+
+def context(current: int, target: int, metrics: dict | None = None, queued: float = 0.0,
+            state: dict | None = None, now: float = 100.0) -> SimpleNamespace:
+    return SimpleNamespace(current_num_replicas=current, target_num_replicas=target,
+                           total_queued_requests=queued, aggregated_metrics=metrics or {},
+                           policy_state=state or {}, current_time=now)
+
+
+def per_replica(**values: list[float]) -> dict:
+    return {name: {f"r{i}": v for i, v in enumerate(vs)} for name, vs in values.items()}
+
+
+@pytest.mark.parametrize("name", ["autoscale.yaml"])
+def test_the_shipped_autoscale_config_scales_up_on_a_queue_and_idles_at_the_minimum(name):
+    policy, options = policy_from(shipped_args(name))
+    parked = ClusterConfig(**shipped_args(name)).standby.parked
+    burst = per_replica(router_queue_len=[16.0], router_oldest_wait_s=[1.5], num_running=[8.0],
+                        kv_usage=[0.3], parked=[0.0])
+    target, state = policy(context(1 + parked, 1 + parked, burst))
+    assert target == 2 + parked  # queued work that waited past the target: one more serving
+    idle = per_replica(num_running=[0.0], kv_usage=[0.0], parked=[0.0])
+    target, _ = policy(context(1 + parked, 1 + parked, idle))
+    assert target == 1 + parked
+    assert options["min_replicas"] == 1 + parked and options["max_replicas"] == 2 + parked
+
+
+def test_parked_replicas_are_added_to_serve_target_and_not_counted_as_serving():
+    args = {**shipped_args("autoscale.yaml"), "standby": {"parked": 1}}
+    policy, options = policy_from(args)
+    assert (options["min_replicas"], options["initial_replicas"], options["max_replicas"]) \
+        == (2, 2, 3)
+    quiet = per_replica(num_running=[1.0, 0.0], kv_usage=[0.1, 0.0], parked=[0.0, 1.0])
+    target, state = policy(context(2, 2, quiet))
+    assert target == 2 and state["pagedserve"]["serving_target"] == 1
+    # The router un-parked the parked one for a burst: both now serve, and Serve is asked
+    # for a new parked replica behind them.
+    busy = per_replica(num_running=[8.0, 8.0], kv_usage=[0.5, 0.5], parked=[0.0, 0.0])
+    target, state = policy(context(2, 2, busy, state=state))
+    assert target == 3 and state["pagedserve"]["serving_target"] == 2

@@ -72,10 +72,12 @@ class Parking:
             self.unpark(rid)
             serving.append(rid)
         now = self.clock()
-        movable = sorted((rid for rid in serving
-                          if now - self._unparked_at.get(rid, -float("inf")) >= self.hold_s),
-                         key=loads.__getitem__)
-        while len(serving) > self.serving_target and movable:
+        held = [rid for rid in serving if now - self._unparked_at.get(rid, -float("inf"))
+                < self.hold_s]
+        movable = sorted((rid for rid in serving if rid not in held), key=loads.__getitem__)
+        # A replica un-parked for a burst counts on top of the target until its hold ends:
+        # Serve's target (what the autoscaler saw) lags the un-park by a tick or more.
+        while len(serving) > self.serving_target + len(held) and movable:
             rid = movable.pop(0)
             self.parked.add(rid)
             serving.remove(rid)

@@ -73,7 +73,7 @@ def local_ray():
         yield
 
 
-@pytest.mark.parametrize("mode", ["host", "imported"])
+@pytest.mark.parametrize("mode", ["host", "imported", "device"])
 def test_a_replica_adopts_a_standby_and_its_engine_ends_with_it(tiny_llama, local_ray, mode):
     app = f"{APP}-{mode}"
     disk_config = _config(tiny_llama, per_node=0)

@@ -43,23 +43,34 @@ def test_no_unpark_while_a_serving_replica_has_room():
     assert parking.parked == {"B"}
 
 
-def test_an_unparked_replica_is_parked_again_only_after_its_hold():
+def test_an_unparked_replica_keeps_serving_until_its_hold_ends():
+    """Serve's target lags an un-park: until the hold ends, nothing is parked again (parking
+    the other, busy replica then would take the capacity the burst just got)."""
     q, parking, clock = parked_queue(hold_s=10.0)
     q.report(report("A", running=4))
     q.report(report("B"))
     q.enqueue(request("r1"))
     q.assign()
-    q.report(report("A", running=0))
     q.report(report("B", running=1, received_ids=["r1"]))
     clock.now = 5.0
     q.rebalance_parking()
-    assert parking.parked == {"A"}  # one serves again; B, un-parked 5 s ago, is held
-    q.report(report("A", running=3))
-    q.report(report("B", running=0))
-    parking.unpark("A")
-    clock.now = 16.0
+    assert parking.parked == set()
+    q.report(report("A", running=0))
+    clock.now = 11.0
     q.rebalance_parking()
-    assert parking.parked == {"B"}  # past B's hold: the idler one parks
+    assert parking.parked == {"A"}  # the target is still one serving: the idler one parks
+
+
+def test_a_caught_up_target_keeps_both_serving_after_the_hold():
+    q, parking, clock = parked_queue(hold_s=10.0)
+    q.report(report("A", running=4))
+    q.report(report("B"))
+    q.enqueue(request("r1"))
+    q.assign()
+    parking.set_deployment_target(3)  # the autoscaler saw two serving: two plus one parked
+    clock.now = 11.0
+    q.rebalance_parking()
+    assert parking.parked == set()
 
 
 def test_a_lost_serving_replica_is_replaced_by_a_parked_one():

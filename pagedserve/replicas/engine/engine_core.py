@@ -40,12 +40,17 @@ def run_engine_core(config: dict, conn, torch_threads: int | None = None,
 
 
 def serve_engine(conn, config: dict, torch_threads: int | None, init_method: str | None,
-                 phases: dict[str, float], tensors=None, model=None) -> None:
+                 phases: dict[str, float], tensors=None, model=None, engine=None) -> None:
     """Build the engine, send ("ready", stats, phases) or ("dead", why), then serve `conn`.
 
     `phases`: what the process did before (imports, a standby's preload), reported with the
-    engine's own phases. `tensors`/`model`: weights from elsewhere than the model's files.
+    engine's own phases. `tensors`/`model`: weights from elsewhere than the model's files;
+    `engine`: one built already (a standby's), served as it is.
     """
+    if engine is not None:
+        conn.send(("ready", engine.stats(), phases))
+        _EngineCore(engine, conn).serve()
+        return
     import torch
 
     from pagedserve.config import EngineConfig

@@ -8,8 +8,10 @@ is that replica's engine process (`engine_core.serve_engine` over the accepted c
 - `imported`: nothing more; the engine reads its weights when adopted.
 - `host`: the checkpoint's tensors in (pinned, when a GPU is present) host memory: adoption
   copies them to the device once.
-- `device`: the model built and loaded on its GPU, with no KV cache: adoption allocates the KV
-  cache and captures graphs.
+- `device`: the model built and loaded on its device. Where the KV cache's size is known
+  before adoption (a CPU engine, or a fixed `num_kvcache_blocks`) the whole engine is built,
+  KV cache, graphs and one warm-up step included, and adoption only connects; otherwise the KV
+  cache is sized from free memory and graphs are captured at adoption.
 
 An unadopted standby exits when its pool's pipe closes (the pool is gone); an adopted one when
 its replica's connection closes (the replica is gone), so neither outlives its owner.
@@ -76,6 +78,7 @@ def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict | None:
     model_dir = resolve_model_dir(engine_config.model, progress=False)
     device = resolve_device(engine_config.device)
     if device.type == "cuda" and gpu is not None:
+        torch.cuda.set_device(gpu)  # the engine's allocations and graphs go to this GPU
         device = torch.device("cuda", gpu)
     dtype = resolve_dtype(engine_config.dtype, device)
     if mode == "host":
@@ -83,8 +86,23 @@ def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict | None:
         tensors = [(name, t.to(dtype if t.is_floating_point() else t.dtype).pin_memory()
                     if pin else t) for name, t in read_safetensors(safetensors_files(model_dir))]
         return {"tensors": tensors}
+    if device.type == "cpu" or engine_config.num_kvcache_blocks is not None:
+        return {"engine": _warm_engine(engine_config, device)}
     spec = load_model_spec(model_dir)
     return {"model": load_model(spec, model_dir, dtype, device, progress=False)}
+
+
+def _warm_engine(config, device):
+    """The whole engine, with one short greedy generation run (kernels and caches warm)."""
+    from pagedserve.replicas.engine.llm_engine import LLMEngine
+    from pagedserve.sampling_params import SamplingParams
+
+    engine = LLMEngine(config, progress=False)
+    engine.add_request("standby-warmup", [1, 2, 3, 4],
+                       SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step(stream=False)
+    return engine
 
 
 def _usable(preloaded: dict | None, standby_config: dict, engine_config: dict,
@@ -95,8 +113,12 @@ def _usable(preloaded: dict | None, standby_config: dict, engine_config: dict,
     same = all(standby_config.get(k) == engine_config.get(k) for k in ("model", "dtype", "device"))
     if not same or (engine_config.get("tensor_parallel_size") or 1) != 1:
         return None
-    if "model" in preloaded and gpu is not None and gpu_ids and gpu_ids[0] != gpu:
+    on_device = "model" in preloaded or "engine" in preloaded
+    if on_device and gpu is not None and gpu_ids and gpu_ids[0] != gpu:
         return None  # on another GPU than the replica's
+    if "engine" in preloaded and any(standby_config.get(k) != engine_config.get(k)
+                                     for k in set(standby_config) | set(engine_config)):
+        return None  # built for another engine config
     return preloaded
 
 

@@ -188,14 +188,16 @@ def run(args: argparse.Namespace) -> dict:
                     wait_standby_ready(app)
                 runs.append({"path": path, **start_replica(path_config(config, path), directory,
                                                            app, num_gpus)})
+                phases = ", ".join(f"{k} {v:.2f}" for k, v in runs[-1]["phases"].items())
                 print(f"{path:>15}: {runs[-1]['decision_to_first_token_s']:.2f} s to the "
-                      f"first token (engine from {runs[-1]['weights_from']})", flush=True)
+                      f"first token (engine from {runs[-1]['weights_from']}): {phases}",
+                      flush=True)
         for directory in dirs.values():
             ray.kill(directory[1])
         bursts = {}
         for path in [p for p in args.burst_paths.split(",") if p]:
             burst_args = scaleup_burst.app_args(
-                {**config["engine"]}, path, args.torch_threads, num_gpus / 2 if num_gpus else 0,
+                {**config["engine"]}, path, args.torch_threads, num_gpus / 4 if num_gpus else 0,
                 args.max_gib)
             bursts[path] = scaleup_burst.run_path(path, burst_args, args.repeats, PROMPT)
             print(f"{path:>15}: {bursts[path]['burst_to_first_token_s']:.2f} s from the burst "

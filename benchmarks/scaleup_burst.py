@@ -28,6 +28,7 @@ from pagedserve.replicas.parallel.rendezvous import free_port
 
 SETTLE_TIMEOUT_S = 300.0
 BURST_TOKENS = 4096  # long enough that the first replica stays full until the burst is cut
+BURST_TIMEOUT_S = 180.0  # every request of a burst has its first token by then, or it failed
 
 
 def app_args(engine: dict, path: str, torch_threads: int | None, num_gpus: float,
@@ -48,9 +49,14 @@ def app_args(engine: dict, path: str, torch_threads: int | None, num_gpus: float
     return args
 
 
+_PORT: list[int] = []  # Serve's HTTP options are fixed at its first start in a cluster
+
+
 def run_path(path: str, args: dict, repeats: int, prompt: list[int]) -> dict:
     """Deploy the path's app, run `repeats` bursts, return the figures."""
-    port = free_port()
+    if not _PORT:
+        _PORT.append(free_port())
+    port = _PORT[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -59,7 +65,11 @@ def run_path(path: str, args: dict, repeats: int, prompt: list[int]) -> dict:
         _wait_for_serving(1, standby="per_node" in args.get("standby", {}))
         bursts = []
         for _ in range(repeats):
-            bursts.append(asyncio.run(_burst(url, prompt, burst_size)))
+            bursts.append(asyncio.run(asyncio.wait_for(_burst(url, prompt, burst_size),
+                                                       BURST_TIMEOUT_S)))
+            print(f"  burst: {bursts[-1]['burst_to_first_token_s']:.2f} s "
+                  f"(first tokens at {[round(t, 2) for t in bursts[-1]['first_tokens_s']]})",
+                  flush=True)
             _wait_for_serving(1, standby="per_node" in args.get("standby", {}))
     finally:
         serve.delete(APP_NAME)

@@ -107,17 +107,20 @@ def _warm_engine(config, device):
 
 def _usable(preloaded: dict | None, standby_config: dict, engine_config: dict,
             gpu_ids: list[int], gpu: int | None) -> dict | None:
-    """The preloaded weights, if they are the adopting engine's model on its device."""
+    """The preloaded weights (or engine), if they fit the adopting engine and its device."""
+    from pagedserve.config import EngineConfig
+
     if preloaded is None:
         return None
-    same = all(standby_config.get(k) == engine_config.get(k) for k in ("model", "dtype", "device"))
-    if not same or (engine_config.get("tensor_parallel_size") or 1) != 1:
+    ours, theirs = EngineConfig(**standby_config), EngineConfig(**engine_config)
+    same_weights = all(getattr(ours, k) == getattr(theirs, k) for k in ("model", "dtype",
+                                                                         "device"))
+    if not same_weights or theirs.tensor_parallel_size != 1:
         return None
     on_device = "model" in preloaded or "engine" in preloaded
     if on_device and gpu is not None and gpu_ids and gpu_ids[0] != gpu:
         return None  # on another GPU than the replica's
-    if "engine" in preloaded and any(standby_config.get(k) != engine_config.get(k)
-                                     for k in set(standby_config) | set(engine_config)):
+    if "engine" in preloaded and ours != theirs:
         return None  # built for another engine config
     return preloaded
 

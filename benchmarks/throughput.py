@@ -9,7 +9,11 @@ On cuda without `--model` the model is a random-weight Llama of Llama-3.2-1B's s
 
 With several `--tensor-parallel-sizes` our engine is measured once per size, in that order,
 each instance shut down before the next loads; the table then also gives each size over the
-first. Throughput is output tokens / wall seconds of one timed run, after an untimed warm-up.
+first. Throughput is output tokens / wall seconds of one timed run. Our engine's first timed run
+is on a fresh engine with only its own readiness warm-up before it (what a new replica's first
+requests meet); with `--repeats 3` the table sets it beside the third run (the steady state) and
+counts the Triton kernel variants each run loaded (on cuda; 0 = nothing compiled after ready).
+The peers get an untimed warm-up run first.
 Prompts are random token ids and EOS is ignored, so every request generates exactly its length.
 """
 
@@ -27,6 +31,7 @@ import torch
 import transformers
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.kernels.triton_cache import VariantCounter
 from pagedserve.replicas.models.default_model import default_model_dir, resolve_gguf
 
 try:
@@ -44,6 +49,7 @@ DEFAULTS = {  # num_prompts, min_prompt_len, max_prompt_len, (min, max) output l
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = [("name", "name", "s"), ("requests", "requests", "d"), ("output_tokens", "out tokens", "d"),
            ("wall_s", "wall s", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
+           ("steady_tokens_per_s", "last run tok/s", ".1f"), ("first_over_steady", "1st/last", ".3f"),
            ("ratio", "ours/peer", ".2f"), ("peak_mem_mib", "peak MiB", ".0f")]
 
 
@@ -66,6 +72,12 @@ class Row:
     skipped: str | None = None
     # ours with --repeats: tokens/s of further timed runs on fresh workloads of other seeds
     repeat_tokens_per_s: list[float] | None = None
+    # ours: the first timed run on a fresh engine (= tokens_per_s), the last of the repeats
+    # (the steady state) and their ratio; Triton kernel variants loaded in each timed run
+    first_run_tokens_per_s: float | None = None
+    steady_tokens_per_s: float | None = None
+    first_over_steady: float | None = None
+    kernel_variants_per_run: list[int] | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -229,21 +241,28 @@ def _drain(manager, pairs: list[tuple[list[int], int]]) -> list[int]:
     return [done[i] for i in ids]
 
 
-def measure(name: str, build, args, wl: Workload, warm: Workload, repeats: int = 1) -> Row:
-    """Build a contender, warm it up, time it on the workload. A failing peer becomes a skipped row."""
+def measure(name: str, build, args, wl: Workload, warm: Workload | None, repeats: int = 1) -> Row:
+    """Build a contender, warm it up (`warm`; None: no run before the timed one), time it on
+    the workload. A failing peer becomes a skipped row."""
     common.reset_peak_memory(args.device)
-    again, generate = [], None
+    again, generate, variants = [], None, []
+    counter = kernel_variant_counter(args.device)
     try:
         generate = build()
-        generate(warm)
+        if warm is not None:
+            generate(warm)
+        before = counter.total if counter else 0
         counts, wall = generate(wl)
         if counts != wl.output_lens:
             raise RuntimeError(f"{name}: generated {counts} tokens, expected {wl.output_lens}")
         for i in range(1, repeats):
             other = make_workload(args, wl.vocab_size, seed=args.seed + i)
+            variants.append(counter.total - before if counter else None)
+            before = counter.total if counter else 0
             more, more_wall = generate(other)
             again.append(sum(more) / more_wall)
             print(f"{name} repeat {i} (seed {args.seed + i}): {again[-1]:.1f} tok/s", flush=True)
+        variants.append(counter.total - before if counter else None)
     except Exception as e:
         if name.startswith("pagedserve"):
             raise
@@ -255,9 +274,26 @@ def measure(name: str, build, args, wl: Workload, warm: Workload, repeats: int =
         gc.collect()
     tokens = sum(counts)
     print(f"{name}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s", flush=True)
-    return Row(name, len(wl.prompts), tokens, wall, tokens / wall,
+    first = tokens / wall
+    steady = again[-1] if again else None
+    return Row(name, len(wl.prompts), tokens, wall, first,
                peak_mem_mib=common.peak_memory_mib(args.device),
-               repeat_tokens_per_s=again or None)
+               repeat_tokens_per_s=again or None,
+               first_run_tokens_per_s=first if warm is None else None,
+               steady_tokens_per_s=steady, first_over_steady=first / steady if steady else None,
+               kernel_variants_per_run=variants if counter else None)
+
+
+_COUNTERS: dict[str, VariantCounter] = {}
+
+
+def kernel_variant_counter(device: str) -> VariantCounter | None:
+    """One counter of Triton kernel variants for the whole run (cuda only: none on CPU)."""
+    if device != "cuda":
+        return None
+    if device not in _COUNTERS:
+        _COUNTERS[device] = VariantCounter().install()
+    return _COUNTERS[device]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -303,7 +339,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     rows = []
     for tp in args.tensor_parallel_sizes:
         name = "pagedserve" if tp == 1 else f"pagedserve-tp{tp}"
-        rows.append(measure(name, lambda tp=tp: ours(args, model_dir, tp), args, wl, warm,
+        rows.append(measure(name, lambda tp=tp: ours(args, model_dir, tp), args, wl, None,
                             args.repeats))
     ours_rows = len(rows)
     for name in args.peers:
@@ -315,6 +351,11 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     for r in rows[1:ours_rows]:
         print(f"{r.name} / {rows[0].name}: {r.tokens_per_s / rows[0].tokens_per_s:.2f}x"
               + seed_ratios(r, rows[0], args.seed))
+    for r in rows[:ours_rows]:
+        if r.first_over_steady is not None:
+            print(f"{r.name}: first timed run on a fresh engine {r.tokens_per_s:.1f} tok/s = "
+                  f"{r.first_over_steady:.1%} of the last ({r.steady_tokens_per_s:.1f} tok/s); "
+                  f"kernel variants loaded per run: {r.kernel_variants_per_run}")
     for r in rows:
         if r.skipped:
             print(f"{r.name} skipped: {r.skipped}")
@@ -329,7 +370,8 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         "workload": {"num_prompts": args.num_prompts, "seed": args.seed, "ignore_eos": True,
                      "temperature": 0, "prompt_len": [args.min_prompt_len, args.max_prompt_len],
                      "output_len": list(args.output_range)},
-        "warmup": {"num_prompts": len(warm.prompts),
+        # ours: no warm-up run, only the engine's readiness warm-up (replicas/engine/warmup.py)
+        "warmup": {"applies_to": "peers", "num_prompts": len(warm.prompts),
                    "output_len": [min(warm.output_lens), max(warm.output_lens)]},
         "repeats": args.repeats,
         "tensor_parallel_sizes": args.tensor_parallel_sizes,

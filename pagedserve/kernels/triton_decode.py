@@ -23,12 +23,17 @@ from pagedserve.kernels.triton_checks import check_attention_args, check_index, 
 
 BLOCK_N = 64  # context tokens per tile
 MAX_SPLITS = 64
+SPLIT_CHUNK = 16  # splits the merge kernel reads at a time: one compiled variant for any count
 MIN_TILES_PER_SPLIT = 4  # a split shorter than this costs more in merging than it gains
 PROGRAMS_PER_MULTIPROCESSOR = 4
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Integers that change from step to step are not specialized: Triton would otherwise compile a
+# variant per divisibility class (1, multiple of 16, other), mid-run. `stride_bt` is the block
+# table's width, which eager steps size to their longest sequence; `num_splits` follows the
+# batch. (`tokens_per_split` is always a multiple of BLOCK_N, so its class never changes.)
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -85,24 +90,38 @@ def _decode_kernel(
         tl.store(part_l_ptr + part, l_i, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
+    # Splits are read SPLIT_CHUNK at a time (a power-of-two block of the count would be a
+    # compile-time size, and so a new variant for each count an eager step picks).
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_P2)
-    split_ok = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
-    part = (seq * NUM_HEADS + head) * num_splits + splits
-    m = tl.load(part_m_ptr + part, mask=split_ok, other=-1.0e30)
-    l_split = tl.load(part_l_ptr + part, mask=split_ok, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
-                  mask=split_ok[:, None], other=0.0)
-    weight = tl.exp2(m - tl.max(m, 0))  # empty splits carry l = 0 and acc = 0
-    total = tl.sum(l_split * weight, 0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    first = (seq * NUM_HEADS + head) * num_splits
+    m_max = tl.full([SPLIT_CHUNK], -1.0e30, tl.float32)
+    for start in range(0, num_splits, SPLIT_CHUNK):
+        splits = start + tl.arange(0, SPLIT_CHUNK)
+        m = tl.load(part_m_ptr + first + splits, mask=splits < num_splits, other=-1.0e30)
+        m_max = tl.maximum(m_max, m)
+    top = tl.max(m_max, 0)
+    total = tl.zeros([SPLIT_CHUNK], tl.float32)
+    acc = tl.zeros([SPLIT_CHUNK, HEAD_DIM], tl.float32)
+    for start in range(0, num_splits, SPLIT_CHUNK):
+        splits = start + tl.arange(0, SPLIT_CHUNK)
+        split_ok = splits < num_splits
+        part = first + splits
+        m = tl.load(part_m_ptr + part, mask=split_ok, other=-1.0e30)
+        l_split = tl.load(part_l_ptr + part, mask=split_ok, other=0.0)
+        part_acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                           mask=split_ok[:, None], other=0.0)
+        weight = tl.exp2(m - top)  # empty splits carry l = 0 and acc = 0
+        total += l_split * weight
+        acc += part_acc * weight[:, None]
+    total_sum = tl.sum(total, 0)
+    out = tl.sum(acc, 0) / tl.where(total_sum == 0.0, 1.0, total_sum)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
@@ -192,7 +211,7 @@ def paged_decode_attention_splits(
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             *parts, out, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, SPLIT_CHUNK=SPLIT_CHUNK,
         )
     return out
 

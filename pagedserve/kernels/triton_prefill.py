@@ -38,7 +38,10 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+# Not specialized, so no variant is compiled mid-run: the sequence count and the block table's
+# width change from step to step, and in a mixed step the tables and lengths are slices that
+# start after the decode rows, so their addresses need not be 16-byte aligned.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "block_tables_ptr", "context_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr,
     out_ptr, scale_log2, num_seqs,

@@ -103,3 +103,17 @@ def test_step_times_overlap_splits_host_time(default_model_dir, capsys, monkeypa
 
     assert ModelRunner.execute_async.__name__ == "execute_async"  # the wrappers are gone
     assert PendingSample.result.__name__ == "result"
+
+
+def test_first_run_on_a_fresh_engine_is_reported_beside_the_last(throughput, default_model_dir,
+                                                                 tmp_path, capsys):
+    result = throughput.main(["--model", str(default_model_dir), "--num-prompts", "2",
+                              "--output-len", "3", "--max-prompt-len", "16", "--repeats", "3",
+                              "--peers", "", "--out", str(tmp_path / "t.json")])
+    (row,) = result["rows"]
+    assert len(row["repeat_tokens_per_s"]) == 2
+    assert row["first_run_tokens_per_s"] == row["tokens_per_s"]  # no warm-up run before it
+    assert row["steady_tokens_per_s"] == row["repeat_tokens_per_s"][-1]
+    assert row["first_over_steady"] == row["tokens_per_s"] / row["steady_tokens_per_s"]
+    assert row["kernel_variants_per_run"] is None  # no Triton on a CPU run
+    assert "1st/last" in capsys.readouterr().out

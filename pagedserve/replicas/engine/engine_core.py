@@ -29,6 +29,9 @@ def run_engine_core(config: dict, conn, torch_threads: int | None = None,
     import time
 
     started = time.perf_counter()
+    from pagedserve.kernels.triton_cache import use_node_cache
+
+    use_node_cache()  # before triton is imported: this engine reads and fills the node's cache
     import torch  # noqa: F401 (timed: the engine's imports are a phase of its start)
 
     from pagedserve.replicas.engine.llm_engine import LLMEngine  # noqa: F401

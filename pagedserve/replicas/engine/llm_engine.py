@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.kernels.triton_cache import use_node_cache
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import BlockManager
 from pagedserve.replicas.engine.engine_stats import EngineStats
@@ -18,6 +19,7 @@ from pagedserve.replicas.engine.request import Request
 from pagedserve.replicas.engine.sampler import PendingSample, SampleResult
 from pagedserve.replicas.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.replicas.engine.sequence import PLACEHOLDER
+from pagedserve.replicas.engine.warmup import warm_up
 from pagedserve.replicas.models.registry import eos_token_ids, load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
 from pagedserve.replicas.parallel.group import leave_group
@@ -61,6 +63,7 @@ class LLMEngine:
         already loaded on this engine's device (a standby engine's), used as it is."""
         self.config = config
         started = time.perf_counter()
+        use_node_cache()  # Triton kernels compiled on this node before are found, not rebuilt
         self.model_dir = resolve_model_dir(config.model, progress=progress)
         self.spec = load_model_spec(self.model_dir)
         check_tensor_parallel(self.spec.num_heads, self.spec.num_kv_heads,
@@ -87,10 +90,13 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.max_model_len = self._max_model_len()
         self.requests: dict[str, Request] = {}
-        self.startup_phases = {"model_files": files_s, **self.runner.timer.phases}
         # Overlap host work with the device's: pays on a GPU, would only reorder work on a CPU.
         self.overlap_steps = self.device.type == "cuda"
         self._in_flight: _InFlight | None = None
+        if self.device.type == "cuda":  # no kernel compiles once ready (see `warmup`)
+            with self.runner.timer.phase("kernel_warmup"):
+                warm_up(self)
+        self.startup_phases = {"model_files": files_s, **self.runner.timer.phases}
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None) -> None:

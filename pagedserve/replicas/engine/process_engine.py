@@ -20,6 +20,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.replicas.engine.engine_core import run_engine_core
 from pagedserve.replicas.engine.engine_front import EngineDeadError, EngineFront, settle
 from pagedserve.replicas.engine.engine_stats import EngineStats
+from pagedserve.replicas.engine.spawn_main import without_parent_main
 from pagedserve.replicas.engine.wire import decode_output
 
 START_TIMEOUT_S = 1800.0  # a large model's first load converts and profiles
@@ -50,7 +51,8 @@ class ProcessEngine(EngineFront):
             self._process = ctx.Process(
                 target=run_engine_core, name="pagedserve-engine-core", daemon=True,
                 args=(config.model_dump(), child, torch_threads, init_method, shared_weights))
-            self._process.start()
+            with without_parent_main():  # the child needs nothing from the parent's script
+                self._process.start()
             child.close()
         super().__init__(max_deltas_per_s)
         self._send_lock = threading.Lock()

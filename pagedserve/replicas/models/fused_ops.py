@@ -55,6 +55,10 @@ def rotary_inplace(qk: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Ten
     is in that dtype. `qk` may be a strided view (rows of a fused QKV output).
     """
     assert qk.is_cuda and triton is not None, "rotary_inplace is the CUDA path"
+    _rotary_triton(qk, cos_sin, positions)
+
+
+def _rotary_triton(qk: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> None:
     assert qk.stride(2) == 1 and qk.shape[2] % 2 == 0
     tokens, heads, head_dim = qk.shape
     if tokens == 0:
@@ -162,7 +166,10 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + cols, (act * up.to(tl.float32)).to(gate.dtype),
                  mask=mask)
 
-    @triton.jit
+    # The positions are a view into the step's one uploaded int64 tensor, right after the token
+    # ids, so their address is 16-byte aligned only for an even token count: not specialized on
+    # it, or each step of the other parity would need its own compiled variant.
+    @triton.jit(do_not_specialize=["pos_ptr"])
     def _rotary_kernel(qk_ptr, cs_ptr, pos_ptr, t_stride, h_stride, cs_stride0, cs_stride1,
                        heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                        ROUND: tl.constexpr):

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedserve.replicas.models import fused_ops
 from pagedserve.replicas.models.fused_ops import add_rms_norm, rms_norm_ref
+from pagedserve.replicas.models.rope import NATIVE_ROPE_TYPES, inverse_frequencies
 
 
 @dataclass
@@ -103,12 +103,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        return 1.0 / (base**exponents), 1.0
+    params = {"rope_type": "default", **(getattr(hf_config, "rope_parameters", None) or {})}
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    if params["rope_type"] in NATIVE_ROPE_TYPES:
+        return inverse_frequencies(params, head_dim)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # only for rarer kinds
+
+    rope_type = params["rope_type"]
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope scaling type {rope_type!r}")
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))

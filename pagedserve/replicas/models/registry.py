@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from pagedserve.replicas.models.default_model import default_model_dir, resolve_gguf
 
 
@@ -30,12 +28,35 @@ def resolve_model_dir(model: str | None, progress: bool = True) -> Path:
     return path
 
 
+# Tokenizer classes that are the generic `tokenizer.json` backend: loaded as that class,
+# without `AutoTokenizer`, which reads the model's config through transformers' model-specific
+# modules (about a second of every engine start). Other classes go through AutoTokenizer.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(model_dir: str | Path):
     """The checkpoint's own tokenizer (with its chat template), loaded offline."""
     try:
+        if _is_generic_tokenizer(Path(model_dir)):
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"model directory {model_dir} has no usable tokenizer: {err}") from err
+
+
+def _is_generic_tokenizer(model_dir: Path) -> bool:
+    config = model_dir / "tokenizer_config.json"
+    if not (model_dir / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        name = json.loads(config.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return name in GENERIC_TOKENIZER_CLASSES
 
 
 def eos_token_ids(model_dir: str | Path, tokenizer) -> list[int]:

@@ -5,9 +5,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from transformers import AutoConfig
+from pagedserve.replicas.models.rope import NATIVE_ROPE_TYPES, rope_parameters
+
+# Fields read from config.json itself; transformers' AutoConfig imports its model-specific
+# modules, about a second of every engine start. When a field is missing, the class default
+# decides, so AutoConfig is used after all: these fields' defaults differ from the generic ones.
+_CORE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "rms_norm_eps", "max_position_embeddings")
+_FIELDS_WITH_CLASS_DEFAULTS = {
+    "LlamaForCausalLM": (),
+    "MistralForCausalLM": ("num_key_value_heads", "sliding_window"),
+    "Qwen2ForCausalLM": ("num_key_value_heads", "sliding_window", "use_sliding_window"),
+    "Qwen3ForCausalLM": ("num_key_value_heads", "sliding_window", "use_sliding_window",
+                         "head_dim"),
+}
 
 # architecture -> (bias on q/k/v, bias on o_proj when the config says `attention_bias`, q/k norm)
 SUPPORTED_ARCHITECTURES = {
@@ -46,8 +60,9 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"model directory {model_dir} has no config.json")
-    architecture = _architecture(config_path)
-    hf_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    raw = _read_json(config_path)
+    architecture = _architecture(raw, config_path)
+    hf_config = _plain_config(raw, architecture) or _auto_config(model_dir)
     flags = SUPPORTED_ARCHITECTURES[architecture]
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
     num_heads = hf_config.num_attention_heads
@@ -74,11 +89,30 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     )
 
 
-def _architecture(config_path: Path) -> str:
+def _read_json(config_path: Path) -> dict:
     try:
-        raw = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+
+
+def _plain_config(raw: dict, architecture: str) -> SimpleNamespace | None:
+    """`config.json`'s fields as attributes, rotary parameters standardized; None when a field
+    the engine reads is left to the class default or the rotary kind needs transformers."""
+    needed = _CORE_FIELDS + _FIELDS_WITH_CLASS_DEFAULTS[architecture]
+    rope = rope_parameters(raw)
+    if any(k not in raw for k in needed) or rope is None or rope["rope_type"] not in NATIVE_ROPE_TYPES:
+        return None
+    return SimpleNamespace(**{**raw, "rope_parameters": rope})
+
+
+def _auto_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def _architecture(raw: dict, config_path: Path) -> str:
     architectures = raw.get("architectures") or []
     if not architectures:
         raise ValueError(f"{config_path} names no architecture ('architectures' is missing)")

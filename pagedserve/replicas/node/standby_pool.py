@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from pagedserve.replicas.engine.spawn_main import without_parent_main
 from pagedserve.replicas.node.standby_process import run_standby
 
 logger = logging.getLogger("ray.serve")
@@ -118,7 +119,7 @@ class StandbyPool:
         process = self._ctx.Process(
             target=run_standby, name="pagedserve-standby", daemon=True,
             args=(theirs, address, authkey, self.engine_config, self.mode, gpu))
-        with _all_gpus_visible():
+        with _all_gpus_visible(), without_parent_main():
             process.start()
         theirs.close()
         self._standbys.append(_Standby(process, ours, address, authkey, gpu))

@@ -32,6 +32,9 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
     """Process entry point (see the module docstring). `gpu`: the device index for `device`
     mode, and the device whose memory host-mode tensors are pinned for."""
     started = time.perf_counter()
+    from pagedserve.kernels.triton_cache import use_node_cache
+
+    use_node_cache()  # before triton is imported, as in a spawned engine process
     import torch
 
     from pagedserve.replicas.engine.engine_core import serve_engine

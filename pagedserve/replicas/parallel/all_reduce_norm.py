@@ -125,7 +125,8 @@ if triton is not None:
         tl.store(row_ptr, _sentinel_like(part, SENTINEL), mask=mask)
         return part
 
-    @triton.jit
+    # `rows` is the step's token count: not specialized, so no step compiles a new variant.
+    @triton.jit(do_not_specialize=["rows"])
     def _all_reduce_add_rms_norm_kernel(
             x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, inbox_ptrs, max_elements,
             call_counts_ptr, rows, hidden, eps, rank, HAS_RESIDUAL: tl.constexpr,

@@ -19,6 +19,7 @@ its replica's connection closes (the replica is gone), so neither outlives its o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -55,8 +56,12 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
     conn = listener.accept()
     adopted.set()
     listener.close()
-    control.send(("adopted",))
-    kind, engine_config, torch_threads, init_method, gpu_ids, shared_weights = conn.recv()
+    with contextlib.suppress(OSError):  # a pool that is gone does not end an adopted engine
+        control.send(("adopted",))
+    try:
+        kind, engine_config, torch_threads, init_method, gpu_ids, shared_weights = conn.recv()
+    except (EOFError, OSError):
+        return  # the replica left before it sent its config
     if kind != ADOPT_MESSAGE:
         conn.send(("dead", f"a standby engine expects {ADOPT_MESSAGE!r} first, got {kind!r}"))
         return

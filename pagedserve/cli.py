@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(run=_serve)
+    graf = commands.add_parser("grafana", help="write the Grafana dashboard, or push it to Grafana")
+    graf.add_argument("--out", type=Path, help="write the dashboard JSON to this file")
+    graf.add_argument("--url", help="Grafana's base URL, e.g. http://grafana:3000")
+    graf.add_argument("--token", help="a Grafana service-account token (Editor role); "
+                      "default: $GRAFANA_TOKEN")
+    graf.add_argument("--folder", help="the Grafana folder to put it in (made if missing)")
+    graf.set_defaults(run=_grafana)
     return parser
 
 
@@ -77,6 +84,30 @@ def _serve(args: argparse.Namespace) -> int:
         yaml.safe_dump(config, f)
     print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
     return subprocess.call([serve_cli, "run", f.name])
+
+
+def _grafana(args: argparse.Namespace) -> int:
+    import os
+
+    from pagedserve.cluster.grafana_dashboard import dashboard_json
+    from pagedserve.cluster.grafana_push import GrafanaPushError, push_dashboard
+
+    if args.out is None and args.url is None:
+        raise ValueError("give --out FILE (write the dashboard) and/or --url URL (push it)")
+    if args.out is not None:
+        args.out.write_text(dashboard_json())
+        print(f"pagedserve: dashboard written to {args.out}")
+    if args.url is not None:
+        token = args.token or os.environ.get("GRAFANA_TOKEN")
+        if not token:
+            raise ValueError("--url needs --token (or $GRAFANA_TOKEN)")
+        try:
+            result = push_dashboard(args.url, token, args.folder)
+        except GrafanaPushError as err:
+            print(f"pagedserve: error: {err}", file=sys.stderr)
+            return 1
+        print(f"pagedserve: dashboard pushed to {args.url.rstrip('/')}{result.get('url', '')}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

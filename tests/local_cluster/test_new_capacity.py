@@ -43,7 +43,11 @@ def apps(tiny_model_factory):
     model = tiny_model_factory("llama-gqa-tied-long")
     common = {"served_model_name": "tiny", "replica_num_cpus": 0.5, "torch_threads": 1}
     configs = {
-        "parked": {**common, "engine": _engine(model), "standby": {"parked": 1}},
+        # Autoscaled, so Serve can be asked for a parked replica behind the un-parked one (a
+        # fixed-size deployment re-parks it after its hold instead); slow to scale down, so the
+        # new replica is not taken back before it reports.
+        "parked": {**common, "engine": _engine(model), "standby": {"parked": 1},
+                   "autoscaling": {**_autoscaling(1), "scale_down_after_s": 120.0}},
         "warm": {**common, "engine": _engine(model), "autoscaling": _autoscaling(1)},
         "zero": {**common, "engine": _engine(model), "autoscaling": _autoscaling(0),
                  "warm_prefixes": {"top_k": 0}},

@@ -146,3 +146,28 @@ async def collect_counted(stream) -> tuple[str, list[int], str | None, int]:
             tokens += c.token_ids
             reason = c.finish_reason or reason
     return text, tokens, reason, items
+
+
+class _BuiltEngine:
+    """Stands in for a standby's already-built engine: only what `serve_engine` reads first."""
+
+    served = False
+
+    def stats(self) -> dict:
+        return {}
+
+    def has_unfinished_requests(self) -> bool:
+        self.served = True
+        return False
+
+
+def test_an_engine_whose_server_left_before_ready_ends_quietly():
+    from multiprocessing import Pipe
+
+    from pagedserve.replicas.engine.engine_core import serve_engine
+
+    ours, theirs = Pipe()
+    theirs.close()  # the replica is gone before the engine says ready
+    engine = _BuiltEngine()
+    serve_engine(ours, {}, None, None, {}, engine=engine)  # returns: no BrokenPipeError
+    assert not engine.served

@@ -42,18 +42,36 @@ def run_engine_core(config: dict, conn, torch_threads: int | None = None,
                  tensors=tensors)
 
 
+_PEER_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
 def serve_engine(conn, config: dict, torch_threads: int | None, init_method: str | None,
-                 phases: dict[str, float], tensors=None, model=None, engine=None) -> None:
+                 phases: dict[str, float], tensors=None, model=None, engine=None,
+                 files=None) -> None:
     """Build the engine, send ("ready", stats, phases) or ("dead", why), then serve `conn`.
 
     `phases`: what the process did before (imports, a standby's preload), reported with the
     engine's own phases. `tensors`/`model`: weights from elsewhere than the model's files;
-    `engine`: one built already (a standby's), served as it is.
+    `engine`: one built already (a standby's), served as it is; `files`: the model's config
+    and tokenizer, read ahead (a standby's). A server process that left
+    before the engine was ready ends this one quietly: there is nobody to serve.
     """
-    if engine is not None:
+    try:
+        if engine is None:
+            engine = _build_engine(conn, config, torch_threads, init_method, tensors, model,
+                                   files)
+            if engine is None:
+                return
+            phases = {**phases, **engine.startup_phases}
         conn.send(("ready", engine.stats(), phases))
-        _EngineCore(engine, conn).serve()
+    except _PEER_GONE:
         return
+    _EngineCore(engine, conn).serve()
+
+
+def _build_engine(conn, config: dict, torch_threads: int | None, init_method: str | None,
+                  tensors, model, files):
+    """The engine, or None after telling the server process why it failed."""
     import torch
 
     from pagedserve.config import EngineConfig
@@ -62,13 +80,11 @@ def serve_engine(conn, config: dict, torch_threads: int | None, init_method: str
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        engine = LLMEngine(EngineConfig(**config), progress=False, init_method=init_method,
-                           tensors=tensors, model=model)
+        return LLMEngine(EngineConfig(**config), progress=False, init_method=init_method,
+                         tensors=tensors, model=model, files=files)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
-        return
-    conn.send(("ready", engine.stats(), {**phases, **engine.startup_phases}))
-    _EngineCore(engine, conn).serve()
+        return None
 
 
 class _EngineCore:
@@ -89,7 +105,7 @@ class _EngineCore:
                 if outputs:
                     self.conn.send(("outputs", self._encode(outputs), self.engine.stats()))
             self.engine.shutdown()  # a clean stop: the other tensor-parallel ranks end too
-        except (EOFError, BrokenPipeError):  # the server process is gone
+        except _PEER_GONE:  # the server process is gone
             return
         except BaseException as err:
             self.conn.send(("dead", repr(err)))

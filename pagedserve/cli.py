@@ -49,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
                       "default: $GRAFANA_TOKEN")
     graf.add_argument("--folder", help="the Grafana folder to put it in (made if missing)")
     graf.set_defaults(run=_grafana)
+    chat = commands.add_parser("chat", help="chat in the terminal with a running server")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    chat.add_argument("--model", default=None, help="default: the first model the server lists")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.set_defaults(run=_chat)
+    bench = commands.add_parser("bench", help="run a benchmark")
+    bench.set_defaults(run=lambda _: bench.print_help() or 2)
+    kinds = bench.add_subparsers(title="benchmarks")
+    serving = kinds.add_parser("serving", help="streaming clients with Poisson arrivals against "
+                               "a running server: TTFT/TPOT/e2e percentiles, JSON and PNG")
+    from pagedserve.bench.serving import add_arguments
+
+    add_arguments(serving)
+    serving.set_defaults(run=_bench_serving)
     return parser
 
 
@@ -84,6 +100,26 @@ def _serve(args: argparse.Namespace) -> int:
         yaml.safe_dump(config, f)
     print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
     return subprocess.call([serve_cli, "run", f.name])
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pagedserve.cli_chat import ChatSession, run_chat
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 (line editing and history for input())
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    session = ChatSession(args.url, args.model, args.system, args.max_tokens, args.temperature)
+    return run_chat(session)
+
+
+def _bench_serving(args: argparse.Namespace) -> int:
+    from pagedserve.bench.serving import run
+
+    summary = run(args)
+    return 0 if summary["errors"] == 0 else 1
 
 
 def _grafana(args: argparse.Namespace) -> int:

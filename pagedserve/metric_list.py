@@ -19,7 +19,9 @@ LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 1
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 PHASE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 KINDS = ("counter", "gauge", "histogram")
-GATEWAY = "gateway"  # values only once the response cache or API keys are configured
+# Features some metrics need configured before they have values (the gateway's).
+RESPONSE_CACHE, API_KEYS = "response_cache", "api_keys"
+FEATURES = {RESPONSE_CACHE: "the response cache (`cache:`)", API_KEYS: "an API key"}
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,15 @@ METRICS: tuple[Metric, ...] = (
        "router", boundaries=LATENCY_BUCKETS_S),
     # gateway (ingress): response cache and API keys
     _m("response_cache_hits", "counter", "requests answered from the response cache", "ingress",
-       tags=("level",), needs=GATEWAY),
+       tags=("level",), needs=RESPONSE_CACHE),
     _m("response_cache_misses", "counter", "cacheable requests not found in the response cache",
-       "ingress", needs=GATEWAY),
+       "ingress", needs=RESPONSE_CACHE),
     _m("response_cache_errors", "counter", "response cache reads or writes that failed",
-       "ingress", tags=("level",), needs=GATEWAY),
+       "ingress", tags=("level",), needs=RESPONSE_CACHE),
     _m("response_cache_bytes", "gauge", "bytes held by the response cache", "ingress",
-       tags=("level",), needs=GATEWAY),
+       tags=("level",), needs=RESPONSE_CACHE),
     _m("auth_rejections", "counter", "requests rejected by API-key checks or rate limits",
-       "ingress", tags=("key_name", "code"), needs=GATEWAY),
+       "ingress", tags=("key_name", "code"), needs=API_KEYS),
     # router: admission and replicas
     _m("router_queue_len", "gauge", "requests waiting in the router for a replica", "router",
        on_http=True),

@@ -11,7 +11,7 @@ import json
 import re
 
 from pagedserve.cluster.grafana_panels import PANELS, ROWS, Panel
-from pagedserve.metric_list import BY_NAME, GATEWAY
+from pagedserve.metric_list import BY_NAME, FEATURES
 
 DASHBOARD_UID = "pagedserve"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -61,10 +61,8 @@ def dashboard() -> dict:
 
 def _panel(panel: Panel, panel_id: int, x: int, y: int) -> dict:
     needs = sorted({BY_NAME[n].needs for n in panel_metrics(panel)} - {None})
-    description = panel.description
-    if GATEWAY in needs:
-        description = (description + "; " if description else "") + (
-            "has data once the response cache or API keys are configured")
+    description = "; ".join([panel.description] * bool(panel.description) + [
+        f"has data once {FEATURES[feature]} is configured" for feature in needs])
     return {
         "type": "timeseries", "title": panel.title, "id": panel_id, "description": description,
         "datasource": DATASOURCE, "gridPos": {"h": PANEL_H, "w": PANEL_W, "x": x, "y": y},

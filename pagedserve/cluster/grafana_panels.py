@@ -64,7 +64,7 @@ PANELS: tuple[Panel, ...] = (
       (Target(_rate("admissions", "replica_id"), "{{replica_id}}"),)),
     P("Traffic", "API-key rejections per second", "reqps",
       (Target(_rate("auth_rejections", "key_name, code"), "{{key_name}} {{code}}"),),
-      "401 (bad or missing key) and 429 (rate limit), once API keys are configured"),
+      "401 (bad or missing key) and 429 (rate limit)"),
     P("Latency", "Time to first token", "s", _quantiles("ttft_s")),
     P("Latency", "Time per output token", "s", _quantiles("tpot_s")),
     P("Latency", "End-to-end latency", "s", _quantiles("e2e_s")),

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--api-key", default=None, help="sent as a bearer token (default: "
+                      "$PAGEDSERVE_API_KEY or $OPENAI_API_KEY)")
     chat.set_defaults(run=_chat)
     bench = commands.add_parser("bench", help="run a benchmark")
     bench.set_defaults(run=lambda _: bench.print_help() or 2)
@@ -105,13 +107,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     import contextlib
 
-    from pagedserve.cli_chat import ChatSession, run_chat
+    from pagedserve.cli_chat import ChatSession, api_key_from_env, run_chat
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 (line editing and history for input())
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
-    session = ChatSession(args.url, args.model, args.system, args.max_tokens, args.temperature)
+    session = ChatSession(args.url, args.model, args.system, args.max_tokens, args.temperature,
+                          args.api_key or api_key_from_env())
     return run_chat(session)
 
 

@@ -7,6 +7,7 @@ an error gets a one-line message, and the chat goes on (the failed turn is not k
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,11 @@ import httpx
 PROMPT = "you> "
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 300.0  # a long answer on a busy CPU server
+
+
+def api_key_from_env() -> str | None:
+    """The API key to send when none is given: $PAGEDSERVE_API_KEY, else $OPENAI_API_KEY."""
+    return os.environ.get("PAGEDSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 class ChatError(Exception):
@@ -26,8 +32,10 @@ class ChatSession:
 
     def __init__(self, url: str, model: str | None = None, system: str | None = None,
                  max_tokens: int = 256, temperature: float | None = None,
+                 api_key: str | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
-        """`transport`: an httpx transport to use instead of the network (tests)."""
+        """`api_key`: sent as a bearer token. `transport`: an httpx transport to use instead
+        of the network (tests)."""
         self.url = url.rstrip("/")
         self.model = model
         self.system = system
@@ -35,7 +43,8 @@ class ChatSession:
         self.temperature = temperature
         self.history: list[dict] = []
         self.reset()
-        self._http = httpx.Client(transport=transport, timeout=httpx.Timeout(
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(transport=transport, headers=headers, timeout=httpx.Timeout(
             READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
 
     def reset(self) -> None:

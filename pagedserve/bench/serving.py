@@ -21,6 +21,7 @@ import numpy as np
 
 from pagedserve.bench.serving_client import run_jobs
 from pagedserve.bench.serving_stats import poisson_offsets, summarize
+from pagedserve.cli_chat import api_key_from_env
 
 LOWEST_TOKEN_ID = 10  # clear of the special tokens at the start of most vocabularies
 
@@ -28,6 +29,8 @@ LOWEST_TOKEN_ID = 10  # clear of the special tokens at the start of most vocabul
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", help="the model name (default: the first /v1/models lists)")
+    p.add_argument("--api-key", default=api_key_from_env(),
+                   help="sent as a bearer token (default: $PAGEDSERVE_API_KEY or $OPENAI_API_KEY)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
@@ -44,13 +47,13 @@ def run(args: argparse.Namespace) -> dict:
     """The whole run: check the arguments, load the server, report; returns the summary."""
     _check(args)
     url = args.url.rstrip("/")
-    model = args.model or _first_model(url)
+    model = args.model or _first_model(url, args.api_key)
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(LOWEST_TOKEN_ID, args.max_token_id, (args.num_prompts, args.input_len))
     offsets = poisson_offsets(args.num_prompts, args.request_rate, args.seed)
     jobs = [(offsets[i], [int(t) for t in prompts[i]], args.output_len)
             for i in range(args.num_prompts)]
-    outcomes = asyncio.run(run_jobs(url, model, jobs, time.time() + 0.5))
+    outcomes = asyncio.run(run_jobs(url, model, jobs, time.time() + 0.5, args.api_key))
     summary = summarize(outcomes)
     result = {"benchmark": "serving", "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "host": platform.node(), "url": url, "model": model,
@@ -76,9 +79,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
 
 
-def _first_model(url: str) -> str:
+def _first_model(url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        response = httpx.get(f"{url}/v1/models", timeout=10)
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
     except httpx.HTTPError as err:
         raise ValueError(f"cannot reach the server at {url} ({type(err).__name__})") from None
     if response.status_code != 200:

@@ -51,11 +51,13 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
 
 
 async def run_jobs(url: str, model: str, jobs: list[tuple[float, list[int], int]],
-                   start_at: float) -> list[Outcome]:
+                   start_at: float, api_key: str | None = None) -> list[Outcome]:
     """Send each `(offset s, prompt ids, max tokens)` job at `start_at + offset`; outcomes in
-    job order."""
+    job order. `api_key`: sent as `Authorization: Bearer`."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits,
+                                 headers=headers) as client:
         async def scheduled(offset: float, prompt: list[int], max_tokens: int) -> Outcome:
             await asyncio.sleep(max(0.0, start_at + offset - time.time()))
             return await _one(client, url, model, prompt, max_tokens)

@@ -39,10 +39,14 @@ from pagedserve.replicas.parallel.rendezvous import free_port
 pytestmark = pytest.mark.integration
 
 HAS_CACHE = "cache" in ClusterConfig.model_fields
+HAS_AUTH = "auth" in ClusterConfig.model_fields
+API_KEY = "sk-observer-key"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"} if HAS_AUTH else {}
 # Features some metrics need, and why this run may lack one (then its checks are skipped, by name).
 UNCONFIGURED = {RESPONSE_CACHE: None if HAS_CACHE else "this build has no response cache "
                 "(ClusterConfig has no `cache`)",
-                API_KEYS: "the test app configures no API keys"}
+                API_KEYS: None if HAS_AUTH else "this build has no API keys "
+                "(ClusterConfig has no `auth`)"}
 CHAT_TEMPLATE = ("{% for m in messages %}w4 {{ m['content'] }} w5 {% endfor %}"
                  "{% if add_generation_prompt %}w6{% endif %}")
 EXPORT_TIMEOUT_S = 90
@@ -73,6 +77,8 @@ def _args(model: Path) -> dict:
     }
     if HAS_CACHE:
         args["cache"] = {"enabled": True}
+    if HAS_AUTH:
+        args["auth"] = {"api_keys": [{"name": "observer", "key": API_KEY}]}
     return args
 
 
@@ -96,7 +102,7 @@ def cluster(tmp_path_factory):
 def _complete(base_url: str, prompt, max_tokens: int, **extra) -> httpx.Response:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, **extra}
-    return httpx.post(f"{base_url}/v1/completions", json=body, timeout=300)
+    return httpx.post(f"{base_url}/v1/completions", json=body, headers=HEADERS, timeout=300)
 
 
 def _scale_events(export_url: str) -> bool:
@@ -111,9 +117,14 @@ def traffic(cluster):
     statuses = [_complete(base, PROMPT, 8).status_code for _ in range(2)]
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
             "max_tokens": 8, "temperature": 0}
-    statuses.append(httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120).status_code)
+    statuses.append(httpx.post(f"{base}/v1/chat/completions", json=chat, headers=HEADERS,
+                               timeout=120).status_code)
     statuses.append(httpx.post(f"{base}/v1/completions", json={"model": "nope", "prompt": "w7"},
-                               timeout=60).status_code)
+                               headers=HEADERS, timeout=60).status_code)
+    if HAS_AUTH:  # an auth rejection
+        wrong = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "w7"},
+                           headers={"Authorization": "Bearer sk-wrong-key"}, timeout=60)
+        assert wrong.status_code == 401
     with concurrent.futures.ThreadPoolExecutor(BURST) as pool:
         # Queued work (a scale-up), more KV than 24 blocks hold (preemptions), and prompts
         # that share PROMPT's two full blocks (prefix-cache hits).
@@ -159,7 +170,7 @@ def test_feature_metrics_are_in_rays_export(cluster, traffic, feature):
 
 
 def test_ingress_metrics_endpoint(cluster, traffic):
-    text = httpx.get(f"{cluster['base_url']}/metrics", timeout=10).text
+    text = httpx.get(f"{cluster['base_url']}/metrics", headers=HEADERS, timeout=10).text
     assert [m.http_name for m in METRICS if m.on_http and m.http_name not in text] == []
     assert 'pagedserve_requests_total{endpoint="completions",status="404"} 1.0' in text
     assert 'endpoint="chat_completions",status="200"' in text
@@ -233,7 +244,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pagedserve.cli", *args]
 
 
-CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+           **({"PAGEDSERVE_API_KEY": API_KEY} if HAS_AUTH else {})}
 
 
 def test_pagedserve_chat_in_a_terminal(cluster, traffic):

@@ -98,3 +98,18 @@ def test_server_down_is_a_clear_error(capsys):
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     assert main(["chat", "--url", url]) == 1
     assert f"cannot reach the server at {url}" in capsys.readouterr().out
+
+
+def test_api_key_is_sent_as_a_bearer_token():
+    seen = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m1"}]})
+        return httpx.Response(200, content=_sse("ok"))
+
+    session = ChatSession("http://server", api_key="sk-test-key",
+                          transport=httpx.MockTransport(server))
+    assert "".join(session.turn("hi")) == "ok"
+    assert seen == ["Bearer sk-test-key"] * 2

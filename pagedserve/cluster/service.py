@@ -27,6 +27,8 @@ from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.replicas.models.registry import load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
 
+CHAT, COMPLETIONS = "chat_completions", "completions"  # the `endpoint` tag of request metrics
+
 
 @dataclass
 class ModelInfo:
@@ -64,7 +66,7 @@ class OpenAIService:
         self.metrics = metrics
 
     async def chat_completions(self, body: object) -> dict | AsyncIterator[dict]:
-        with self._counting_errors():
+        with self._counting_errors(CHAT):
             request = parse_chat_request(body)
             self._check_model(request.model)
             prompt = render_chat(request, self.model.tokenizer)
@@ -72,11 +74,11 @@ class OpenAIService:
             jobs = [Job(request_id, prompt, self._params(request, prompt))]
         args = (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
         if request.stream:
-            return await self._stream(jobs, ChatStream.for_request(*args))
-        return await self._unary(jobs, ChatResponseBuilder.for_request(*args))
+            return await self._stream(jobs, ChatStream.for_request(*args), CHAT)
+        return await self._unary(jobs, ChatResponseBuilder.for_request(*args), CHAT)
 
     async def completions(self, body: object) -> dict | AsyncIterator[dict]:
-        with self._counting_errors():
+        with self._counting_errors(COMPLETIONS):
             request = parse_completion_request(body)
             self._check_model(request.model)
             request_id = uuid.uuid4().hex
@@ -86,20 +88,20 @@ class OpenAIService:
                 jobs.append(Job(f"{request_id}-{i}", token_ids, self._params(request, token_ids)))
         args = (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
         if request.stream:
-            return await self._stream(jobs, CompletionStream.for_request(*args))
-        return await self._unary(jobs, CompletionResponseBuilder.for_request(*args))
+            return await self._stream(jobs, CompletionStream.for_request(*args), COMPLETIONS)
+        return await self._unary(jobs, CompletionResponseBuilder.for_request(*args), COMPLETIONS)
 
     def models(self) -> list[str]:
         return [self.model.name]
 
-    async def _unary(self, jobs: list[Job], builder) -> dict:
+    async def _unary(self, jobs: list[Job], builder, endpoint: str) -> dict:
         n = jobs[0].params.n
-        async for index, delta in self._deltas(jobs):
+        async for index, delta in self._deltas(jobs, endpoint):
             builder.add(delta, choice_offset=index * n)
         return builder.response(_prompt_tokens(jobs))
 
-    async def _stream(self, jobs: list[Job], stream) -> AsyncIterator[dict]:
-        deltas = self._deltas(jobs)
+    async def _stream(self, jobs: list[Job], stream, endpoint: str) -> AsyncIterator[dict]:
+        deltas = self._deltas(jobs, endpoint)
         first = await anext(deltas)  # admission errors (503) surface before any byte is sent
         return self._chunks(first, deltas, stream, jobs)
 
@@ -113,7 +115,7 @@ class OpenAIService:
         for chunk in stream.finish(_prompt_tokens(jobs)):
             yield chunk
 
-    async def _deltas(self, jobs: list[Job]) -> AsyncIterator[tuple[int, object]]:
+    async def _deltas(self, jobs: list[Job], endpoint: str) -> AsyncIterator[tuple[int, object]]:
         """Every job's deltas as `(job index, delta)`, with latency and status recorded."""
         start = time.monotonic()
         first_token_at = None
@@ -133,23 +135,23 @@ class OpenAIService:
             status = 499  # the client went away
             raise
         finally:
-            self._record(status, start, first_token_at, tokens)
+            self._record(status, start, first_token_at, tokens, endpoint)
 
     def _record(self, status: int, start: float, first_token_at: float | None,
-                tokens: int) -> None:
+                tokens: int, endpoint: str) -> None:
         end = time.monotonic()
-        self.metrics.count_request(status, tokens)
+        self.metrics.count_request(status, tokens, endpoint)
         if status == 200:
             self.metrics.observe("e2e_s", end - start)
             if first_token_at is not None and tokens > 1:
                 self.metrics.observe("tpot_s", (end - first_token_at) / (tokens - 1))
 
     @contextmanager
-    def _counting_errors(self):
+    def _counting_errors(self, endpoint: str):
         try:
             yield
         except APIError as err:
-            self.metrics.count_request(err.status)
+            self.metrics.count_request(err.status, endpoint=endpoint)
             raise
 
     def _params(self, request, prompt_token_ids: list[int]):

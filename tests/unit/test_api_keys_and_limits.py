@@ -4,6 +4,7 @@ real Redis that the test starts."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -140,3 +141,13 @@ def test_redis_down_falls_back_to_local_buckets_within_the_timeout():
     ok, waits = _admitted(limiter, _key("down", requests_per_min=2), 3)
     assert ok == 2 and len(waits) == 1
     assert time.monotonic() - start < 1.0
+
+
+def test_a_redis_that_never_answers_falls_back_within_the_timeout():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        limiter = RateLimiter(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout_s=0.05)
+        start = time.monotonic()
+        ok, _ = _admitted(limiter, _key("slow", requests_per_min=5), 2)
+        assert ok == 2 and time.monotonic() - start < 0.5

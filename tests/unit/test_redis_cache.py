@@ -4,6 +4,7 @@ coming back (misses within the timeout, errors counted, then hits again)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -84,3 +85,21 @@ def test_redis_stopped_then_started_again(redis_server):
         assert await other.get("c") == (b"3", "l2")
 
     asyncio.run(run())
+
+
+def test_a_redis_that_never_answers_is_a_miss_within_the_timeout():
+    registry = CollectorRegistry()
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cache = _tiered(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", registry)
+
+        async def run():
+            start = time.monotonic()
+            assert await cache.get("k") is None
+            await cache.put("k", b"v")  # within the pause after the error: not even tried
+            return time.monotonic() - start
+
+        assert asyncio.run(run()) < 0.5
+    assert _value(registry, "pagedserve_response_cache_errors_total", level="l2") == 1
+    assert cache.l1.get("k") == b"v"

@@ -1,0 +1,58 @@
+"""Metrics of the gateway: response cache hits, misses, errors and bytes; auth rejections.
+
+Registered twice, as `cluster/metrics.py` does: through `ray.serve.metrics` (Ray dashboard and
+Ray's Prometheus export) and in the ingress's own registry (its `/metrics` route).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from ray.serve import metrics as serve_metrics
+
+# name: (kind, description, tag keys)
+GATEWAY_METRICS = {
+    "pagedserve_response_cache_hits": ("counter", "response cache hits", ("level",)),
+    "pagedserve_response_cache_misses": ("counter", "response cache misses of cacheable "
+                                                    "requests", ()),
+    "pagedserve_response_cache_errors": ("counter", "response cache store errors (Redis down "
+                                                    "or slow)", ("level",)),
+    "pagedserve_response_cache_bytes": ("gauge", "bytes held by the response cache",
+                                        ("level",)),
+    "pagedserve_auth_rejections": ("counter", "requests refused by the gateway",
+                                   ("key_name", "code")),
+}
+_PROM = {"counter": Counter, "gauge": Gauge}
+_SERVE = {"counter": serve_metrics.Counter, "gauge": serve_metrics.Gauge}
+
+
+class GatewayMetrics:
+    """One call per event; each updates both exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._prom = {}
+        self._serve = {}
+        for name, (kind, text, tags) in GATEWAY_METRICS.items():
+            self._prom[name] = _PROM[kind](name, text, list(tags), registry=registry)
+            self._serve[name] = _SERVE[kind](name, description=text, tag_keys=tags)
+
+    def cache_hit(self, level: str) -> None:
+        self._inc("pagedserve_response_cache_hits", level=level)
+
+    def cache_miss(self) -> None:
+        self._inc("pagedserve_response_cache_misses")
+
+    def cache_error(self, level: str) -> None:
+        self._inc("pagedserve_response_cache_errors", level=level)
+
+    def cache_bytes(self, level: str, nbytes: int) -> None:
+        name = "pagedserve_response_cache_bytes"
+        self._prom[name].labels(level=level).set(nbytes)
+        self._serve[name].set(nbytes, tags={"level": level})
+
+    def auth_rejection(self, key_name: str, code: int) -> None:
+        self._inc("pagedserve_auth_rejections", key_name=key_name, code=str(code))
+
+    def _inc(self, name: str, **tags: str) -> None:
+        prom = self._prom[name]
+        (prom.labels(**tags) if tags else prom).inc()
+        self._serve[name].inc(tags=tags or None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MAX_STOP_CHARS = 16_384  # all stop strings of a request together
 
 
 @dataclass
@@ -69,6 +70,8 @@ class SamplingParams:
                f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "must be a non-empty string or a list of non-empty strings")
+        _check(sum(map(len, self.stop)) <= MAX_STOP_CHARS, "stop",
+               f"at most {MAX_STOP_CHARS} characters in all, got {sum(map(len, self.stop))}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be a list of non-negative integers")
         _check(self.seed is None or _is_int(self.seed), "seed",

@@ -9,17 +9,22 @@ from pagedserve.cluster.openai_requests import ChatCompletionRequest, Completion
 from pagedserve.sampling_params import SamplingParams
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 def to_sampling_params(request: OpenAIRequest, max_model_len: int,
                        prompt_len: int) -> SamplingParams:
     """SamplingParams for one prompt of `prompt_len` tokens; APIError 400 on a bad combination.
 
-    Without max tokens in the request the completion may fill the context (vLLM's default).
+    Without max tokens in the request a chat completion may fill the context (vLLM's default)
+    and a completion stops at 16 tokens (OpenAI's and vLLM's default there).
     """
     max_tokens_param = _max_tokens_param(request)
-    max_tokens = _checked_max_tokens(getattr(request, max_tokens_param), max_tokens_param,
-                                     max_model_len, prompt_len, _prompt_param(request))
+    requested = getattr(request, max_tokens_param)
+    if requested is None and isinstance(request, CompletionRequest):
+        requested = min(COMPLETION_DEFAULT_MAX_TOKENS, max(1, max_model_len - prompt_len))
+    max_tokens = _checked_max_tokens(requested, max_tokens_param, max_model_len, prompt_len,
+                                     _prompt_param(request))
     try:
         return SamplingParams(**_fields(request), max_tokens=max_tokens)
     except ValueError as err:

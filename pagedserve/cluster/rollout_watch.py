@@ -11,9 +11,8 @@ import logging
 import time
 from collections.abc import Iterable
 
-from ray.serve.metrics import Counter, Gauge
-
 from pagedserve.cluster.rollout import CANARY, Rollout
+from pagedserve.metric_list import serve_metric
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,11 +24,8 @@ class RolloutWatch:
 
     def __init__(self, rollout: dict) -> None:
         self.rollout = Rollout(clock=time.monotonic, **rollout)
-        self._state = Gauge("pagedserve_rollout_state",
-                            description="the new model version: 0 judged, 1 promoted, "
-                                        "-1 rolled back")
-        self._requests = Counter("pagedserve_rollout_requests", tag_keys=("version", "outcome"),
-                                 description="requests of a rollout by version and outcome")
+        self._state = serve_metric("rollout_state")
+        self._requests = serve_metric("rollout_requests")
         self._state.set(0.0)
 
     def version_for_new_request(self, replicas: Iterable) -> str:

@@ -11,9 +11,8 @@ import asyncio
 import functools
 import logging
 
-from ray.serve.metrics import Counter, Histogram
-
 from pagedserve.config import ClusterConfig
+from pagedserve.metric_list import serve_metric
 from pagedserve.replicas.engine.process_engine import ProcessEngine
 from pagedserve.replicas.engine.startup_phases import PhaseTimer, format_phases
 from pagedserve.replicas.node.standby_client import claim_standby
@@ -24,7 +23,6 @@ from pagedserve.replicas.node.weight_client import fetch_shared_weights
 logger = logging.getLogger("ray.serve")
 
 STORE_WAIT_S = 600.0  # the first store on a node may still be reading a large model
-PHASE_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
 
 
 async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
@@ -66,11 +64,7 @@ def report_startup(replica_id: str, phases: dict[str, float], source: str) -> No
     total = sum(phases.values())
     logger.info("replica %s ready in %.2f s (weights from %s): %s", replica_id, total, source,
                 format_phases(phases))
-    histogram = Histogram("pagedserve_replica_startup_seconds", boundaries=PHASE_BOUNDARIES,
-                          tag_keys=("phase", "weights_from"),
-                          description="wall time of each phase of a replica's start")
+    histogram = serve_metric("replica_startup_seconds")
     for phase, seconds in {**phases, "total": total}.items():
         histogram.observe(seconds, tags={"phase": phase, "weights_from": source})
-    Counter("pagedserve_replica_starts", tag_keys=("weights_from",),
-            description="replicas started, by where their weights came from"
-            ).inc(tags={"weights_from": source})
+    serve_metric("replica_starts").inc(tags={"weights_from": source})

@@ -46,7 +46,8 @@ class StandInReplica:
         tokens = []
         async for delta in await self.engine.add_request(PROMPT, params, "r"):
             tokens += delta.outputs[0].token_ids
-        return {"tokens": tokens, "source": source, "pid": self.engine.pid}
+        return {"tokens": tokens, "source": source, "pid": self.engine.pid,
+                "phases": self.engine.startup_phases, "standby": self.engine.standby_phases}
 
 
 def _alive(pid: int) -> bool:
@@ -95,6 +96,10 @@ def test_a_replica_adopts_a_standby_and_its_engine_ends_with_it(tiny_llama, loca
     assert adopted["pid"] in before["pids"]  # the standby became the engine: nothing spawned
     assert after["claimed"] == 1 and after["spawned"] == before["spawned"] + 1  # its successor
     assert adopted["tokens"] == from_disk["tokens"] and len(adopted["tokens"]) == 12
+    # The standby read the model's config and tokenizer ahead (or built the whole engine).
+    assert "standby_preload" in adopted["standby"]
+    assert adopted["phases"].get("model_files", 0.0) < 0.05, adopted["phases"]
+    assert from_disk["phases"]["model_files"] > adopted["phases"].get("model_files", 0.0)
 
     ray.kill(replica)
     deadline = time.monotonic() + EXIT_BOUND_S

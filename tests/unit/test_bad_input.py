@@ -28,6 +28,7 @@ def llm(tiny_llama):
     ({"presence_penalty": 3.0}, "presence_penalty"),
     ({"logprobs": 100}, "logprobs"),
     ({"stop": [""]}, "stop"),
+    ({"stop": ["x" * 10_000, "y" * 10_000]}, "stop"),
     ({"seed": "x"}, "seed"),
     ({"stop": 5}, "stop"),
     ({"stop_token_ids": 7}, "stop_token_ids"),

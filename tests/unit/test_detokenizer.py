@@ -236,3 +236,48 @@ def test_sentencepiece_style_first_word_keeps_its_space_from_context():
     sp_tok = PreTrainedTokenizerFast(tokenizer_object=backend)
     detok, _, _ = stream(sp_tok, [1, 2], prompt=[0])
     assert detok.text == " world!" and sp_tok.decode([1, 2]) == "world!"
+
+
+def _held_by_brute_force(text: str, stops: list[str]) -> int:
+    longest = min(max(map(len, stops)) - 1, len(text))
+    return next((k for k in range(longest, 0, -1)
+                 if any(s.startswith(text[-k:]) and len(s) > k for s in stops)), 0)
+
+
+def test_stop_tails_equal_a_brute_force_search_fed_in_any_pieces():
+    import random
+
+    from pagedserve.replicas.engine.detokenizer import StopTails
+
+    rng = random.Random(7)
+    for _ in range(400):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+                 for _ in range(rng.randint(1, 3))]
+        tails, text = StopTails(stops), ""
+        for _ in range(rng.randint(1, 6)):
+            piece = "".join(rng.choice("abc") for _ in range(rng.randint(0, 4)))
+            tails.feed(piece)
+            text += piece
+            if any(s in text for s in stops):
+                break  # a match ends generation; held-back tails matter only before one
+            assert tails.held_len() == _held_by_brute_force(text, stops), (stops, text)
+
+
+def test_long_stop_strings_cost_memory_and_time_linear_in_their_length():
+    import time
+    import tracemalloc
+
+    from pagedserve.replicas.engine.detokenizer import StopTails
+
+    stops = [chr(0x4E00 + i) * 16_000 for i in range(16)]  # 16 x 16,000 characters
+    started = time.perf_counter()
+    StopTails(stops).feed(chr(0x4E00) * 50)
+    elapsed = time.perf_counter() - started
+    tracemalloc.start()
+    tails = StopTails(stops)
+    tails.feed(chr(0x4E00) * 50)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert tails.held_len() == 50
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB for 256,000 stop characters"
+    assert elapsed < 1.5, f"{elapsed:.2f} s"

@@ -168,6 +168,8 @@ def test_sampling_defaults_follow_openai_and_vllm():
     assert chat_lp.logprobs == 0
     comp = to_sampling_params(parse_completion_request(completion(logprobs=3)), 100, 30)
     assert comp.logprobs == 3
+    assert comp.max_tokens == 16  # completions without max_tokens: OpenAI's default
+    assert to_sampling_params(parse_completion_request(completion()), 100, 90).max_tokens == 10
 
 
 def test_max_completion_tokens_wins_over_max_tokens():

@@ -50,7 +50,7 @@ class IncrementalDetokenizer:
         self.matched_stop: str | None = None
         self.finished = False
         self._max_stop_len = max(map(len, stops), default=0)
-        self._stop_prefixes = {s[:k] for s in stops for k in range(1, len(s))}
+        self._stop_tails = StopTails(stops)
         self._ids = self._context(list(prompt_token_ids[-_CONTEXT_TOKENS:]))
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -145,8 +145,54 @@ class IncrementalDetokenizer:
 
     def _held_len(self) -> int:
         """Length of the longest tail of the decoded text that is a proper prefix of a stop string."""
-        longest = min(self._max_stop_len - 1, len(self._decoded))
-        for k in range(longest, 0, -1):
-            if self._decoded[-k:] in self._stop_prefixes:
-                return k
-        return 0
+        self._stop_tails.feed(self._decoded[self._stop_tails.seen:])
+        return self._stop_tails.held_len()
+
+
+class StopTails:
+    """For each stop string, the longest tail of the text fed so far that is a prefix of it
+    (a Knuth-Morris-Pratt state per stop string), updated one new character at a time.
+
+    Time is linear in the new text per stop string and memory linear in the stop strings'
+    length; the set of every prefix of every stop string it replaces grew quadratically (16 stop
+    strings of 16,000 characters held about 0.9 GB).
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.seen = 0  # characters fed so far
+        self._failure = [_failure_function(s) for s in stops]
+        self._matched = [0] * len(stops)
+
+    def feed(self, text: str) -> None:
+        self.seen += len(text)
+        for i, stop in enumerate(self.stops):
+            k, failure, full = self._matched[i], self._failure[i], len(stop)
+            for ch in text:
+                if k == full:
+                    k = failure[k - 1]
+                while k and stop[k] != ch:
+                    k = failure[k - 1]
+                if stop[k] == ch:
+                    k += 1
+            self._matched[i] = k
+
+    def held_len(self) -> int:
+        """The longest tail that is a proper prefix of some stop string (0 for none)."""
+        return max((k if k < len(s) else self._failure[i][k - 1]
+                    for i, (k, s) in enumerate(zip(self._matched, self.stops, strict=True))),
+                   default=0)
+
+
+def _failure_function(pattern: str) -> list[int]:
+    """`failure[i]`: the length of the longest proper prefix of `pattern[:i + 1]` that is also
+    its suffix (Knuth-Morris-Pratt)."""
+    failure = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = failure[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        failure[i] = k
+    return failure

@@ -46,17 +46,20 @@ _PEER_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 
 
 def serve_engine(conn, config: dict, torch_threads: int | None, init_method: str | None,
-                 phases: dict[str, float], tensors=None, model=None, engine=None) -> None:
+                 phases: dict[str, float], tensors=None, model=None, engine=None,
+                 files=None) -> None:
     """Build the engine, send ("ready", stats, phases) or ("dead", why), then serve `conn`.
 
     `phases`: what the process did before (imports, a standby's preload), reported with the
     engine's own phases. `tensors`/`model`: weights from elsewhere than the model's files;
-    `engine`: one built already (a standby's), served as it is. A server process that left
+    `engine`: one built already (a standby's), served as it is; `files`: the model's config
+    and tokenizer, read ahead (a standby's). A server process that left
     before the engine was ready ends this one quietly: there is nobody to serve.
     """
     try:
         if engine is None:
-            engine = _build_engine(conn, config, torch_threads, init_method, tensors, model)
+            engine = _build_engine(conn, config, torch_threads, init_method, tensors, model,
+                                   files)
             if engine is None:
                 return
             phases = {**phases, **engine.startup_phases}
@@ -67,7 +70,7 @@ def serve_engine(conn, config: dict, torch_threads: int | None, init_method: str
 
 
 def _build_engine(conn, config: dict, torch_threads: int | None, init_method: str | None,
-                  tensors, model):
+                  tensors, model, files):
     """The engine, or None after telling the server process why it failed."""
     import torch
 
@@ -78,7 +81,7 @@ def _build_engine(conn, config: dict, torch_threads: int | None, init_method: st
         torch.set_num_threads(torch_threads)
     try:
         return LLMEngine(EngineConfig(**config), progress=False, init_method=init_method,
-                         tensors=tensors, model=model)
+                         tensors=tensors, model=model, files=files)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return None

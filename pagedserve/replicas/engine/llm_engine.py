@@ -20,8 +20,7 @@ from pagedserve.replicas.engine.sampler import PendingSample, SampleResult
 from pagedserve.replicas.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.replicas.engine.sequence import PLACEHOLDER
 from pagedserve.replicas.engine.warmup import warm_up
-from pagedserve.replicas.models.registry import eos_token_ids, load_tokenizer, resolve_model_dir
-from pagedserve.replicas.models.spec import load_model_spec
+from pagedserve.replicas.models.model_files import ModelFiles, load_model_files
 from pagedserve.replicas.parallel.group import leave_group
 from pagedserve.replicas.parallel.layers import check_tensor_parallel
 from pagedserve.replicas.parallel.ranks import join_as_rank0
@@ -57,19 +56,22 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, progress: bool = True,
-                 init_method: str | None = None, tensors=None, model=None) -> None:
+                 init_method: str | None = None, tensors=None, model=None,
+                 files: ModelFiles | None = None) -> None:
         """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
         the model directory's safetensors files (e.g. the object store); `model`: the model
-        already loaded on this engine's device (a standby engine's), used as it is."""
+        already loaded on this engine's device (a standby engine's), used as it is; `files`:
+        the model's config and tokenizer, read ahead (used only if it is `config.model`'s)."""
         self.config = config
+        self.num_steps, self.step_seconds = 0, 0.0  # for the step-time metrics
         started = time.perf_counter()
         use_node_cache()  # Triton kernels compiled on this node before are found, not rebuilt
-        self.model_dir = resolve_model_dir(config.model, progress=progress)
-        self.spec = load_model_spec(self.model_dir)
+        if files is None or files.model != config.model:
+            files = load_model_files(config.model, progress=progress)
+        self.model_dir, self.spec = files.model_dir, files.spec
         check_tensor_parallel(self.spec.num_heads, self.spec.num_kv_heads,
                               self.spec.intermediate_size, config.tensor_parallel_size)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        self.tokenizer, self.eos_token_ids = files.tokenizer, files.eos_token_ids
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
@@ -152,6 +154,14 @@ class LLMEngine:
         On CUDA the step is pipelined: this call launches the next batch, then collects the
         previous one's tokens while the GPU works, so outputs lag the launch by one step.
         """
+        started = time.perf_counter()
+        try:
+            return self._step(stream)
+        finally:
+            self.num_steps += 1
+            self.step_seconds += time.perf_counter() - started
+
+    def _step(self, stream: bool | Callable[[str], bool]) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
         if self._in_flight is not None and self._in_flight.needs_sync:
             self._resolve(touched)  # the next batch needs those tokens on the host (penalties)
@@ -173,6 +183,10 @@ class LLMEngine:
             num_total_blocks=bm.num_blocks,
             prefix_cache_hit_rate=bm.num_prefix_hits / max(1, bm.num_prefix_queries),
             num_preemptions=self.scheduler.num_preemptions,
+            num_prefix_hit_tokens=bm.num_prefix_hits,
+            num_prefix_queried_tokens=bm.num_prefix_queries,
+            num_steps=self.num_steps,
+            step_seconds=self.step_seconds,
         )
 
     def _launch(self, batch: SchedulerOutput) -> _InFlight:

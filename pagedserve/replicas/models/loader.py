@@ -40,6 +40,8 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
     _zero_vocab_padding(model)
     model.model.rotary.build(device)
     _load_weights(model, stored)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the copies from pinned host memory were asynchronous
     cpu_linear.pack_model(model)  # float32 on a CPU only
     return model.eval()
 
@@ -110,7 +112,7 @@ def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stor
             full = stored.get_shape()
             _check_shape(name, view, [full[0] // ranks, *full[1:]])
             size = view.shape[0]  # this rank's rows of q, k, v, gate or up
-            view.copy_(stored[rank * size: (rank + 1) * size])
+            view.copy_(stored[rank * size: (rank + 1) * size], non_blocking=True)
             return True
     if name not in params:
         return False  # extra tensors (e.g. unused buffers) are ignored
@@ -118,7 +120,7 @@ def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stor
     dim = dims.get(name)
     if dim is None:
         _check_shape(name, param, stored.get_shape())
-        param.data.copy_(stored[:])
+        param.data.copy_(stored[:], non_blocking=True)
     else:
         _load_split(name, param, stored, dim, rank, ranks)
     return True
@@ -136,7 +138,7 @@ def _load_split(name: str, param: torch.Tensor, stored, dim: int, rank: int, ran
                          f"{tuple(whole)} (split along dimension {dim} over {ranks} ranks)")
     start, stop = min(rank * shard, full[dim]), min((rank + 1) * shard, full[dim])
     part = stored[start:stop] if dim == 0 else stored[:, start:stop]
-    param.data.narrow(dim, 0, stop - start).copy_(part)
+    param.data.narrow(dim, 0, stop - start).copy_(part, non_blocking=True)
 
 
 def _zero_vocab_padding(model: LlamaForCausalLM) -> None:

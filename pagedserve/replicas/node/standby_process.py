@@ -5,6 +5,8 @@ one imports torch and the engine, prepares the model per `mode`, then listens on
 of its own. A starting replica connects, sends its engine config, and from then on this process
 is that replica's engine process (`engine_core.serve_engine` over the accepted connection).
 
+In every mode the model's config and tokenizer are read ahead (the adopting engine skips its
+`model_files` phase).
 - `imported`: nothing more; the engine reads its weights when adopted.
 - `host`: the checkpoint's tensors in (pinned, when a GPU is present) host memory: adoption
   copies them to the device once.
@@ -66,25 +68,27 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
         conn.send(("dead", f"a standby engine expects {ADOPT_MESSAGE!r} first, got {kind!r}"))
         return
     _select_gpu(gpu_ids, torch)
-    weights = _usable(preloaded, config, engine_config, gpu_ids, gpu)
-    if weights is None and shared_weights is not None:
-        weights = {"tensors": shared_weights.named_tensors()}
-    serve_engine(conn, engine_config, torch_threads, init_method, phases, **(weights or {}))
+    ready = _usable(preloaded, config, engine_config, gpu_ids, gpu)
+    if not ready.keys() & {"tensors", "model", "engine"} and shared_weights is not None:
+        ready["tensors"] = shared_weights.named_tensors()
+    serve_engine(conn, engine_config, torch_threads, init_method, phases, **ready)
 
 
-def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict | None:
-    """What `mode` prepares before adoption: engine keyword arguments (`tensors`/`model`)."""
-    if mode == "imported":
-        return None
+def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict:
+    """What `mode` prepares before adoption, as engine keyword arguments: the model's files
+    (config, tokenizer) in every mode, plus `tensors`, `model` or a whole `engine`."""
     from pagedserve.config import EngineConfig
     from pagedserve.replicas.engine.llm_engine import resolve_device, resolve_dtype
     from pagedserve.replicas.models.loader import load_model, read_safetensors, safetensors_files
-    from pagedserve.replicas.models.registry import resolve_model_dir
-    from pagedserve.replicas.models.spec import load_model_spec
+    from pagedserve.replicas.models.model_files import load_model_files
 
     engine_config = EngineConfig(**config)
-    model_dir = resolve_model_dir(engine_config.model, progress=False)
     device = resolve_device(engine_config.device)
+    if mode == "device" and (device.type == "cpu" or engine_config.num_kvcache_blocks is not None):
+        return {"engine": _warm_engine(engine_config, device, gpu, torch)}
+    files = load_model_files(engine_config.model, progress=False)
+    if mode == "imported":
+        return {"files": files}
     if device.type == "cuda" and gpu is not None:
         torch.cuda.set_device(gpu)  # the engine's allocations and graphs go to this GPU
         device = torch.device("cuda", gpu)
@@ -92,19 +96,20 @@ def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict | None:
     if mode == "host":
         pin = device.type == "cuda"
         tensors = [(name, t.to(dtype if t.is_floating_point() else t.dtype).pin_memory()
-                    if pin else t) for name, t in read_safetensors(safetensors_files(model_dir))]
-        return {"tensors": tensors}
-    if device.type == "cpu" or engine_config.num_kvcache_blocks is not None:
-        return {"engine": _warm_engine(engine_config, device)}
-    spec = load_model_spec(model_dir)
-    return {"model": load_model(spec, model_dir, dtype, device, progress=False)}
+                    if pin else t) for name, t in read_safetensors(safetensors_files(
+                        files.model_dir))]
+        return {"files": files, "tensors": tensors}
+    return {"files": files, "model": load_model(files.spec, files.model_dir, dtype, device,
+                                                progress=False)}
 
 
-def _warm_engine(config, device):
+def _warm_engine(config, device, gpu: int | None, torch):
     """The whole engine, with one short greedy generation run (kernels and caches warm)."""
     from pagedserve.replicas.engine.llm_engine import LLMEngine
     from pagedserve.sampling_params import SamplingParams
 
+    if device.type == "cuda" and gpu is not None:
+        torch.cuda.set_device(gpu)
     engine = LLMEngine(config, progress=False)
     engine.add_request("standby-warmup", [1, 2, 3, 4],
                        SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
@@ -113,24 +118,25 @@ def _warm_engine(config, device):
     return engine
 
 
-def _usable(preloaded: dict | None, standby_config: dict, engine_config: dict,
-            gpu_ids: list[int], gpu: int | None) -> dict | None:
-    """The preloaded weights (or engine), if they fit the adopting engine and its device."""
+def _usable(preloaded: dict, standby_config: dict, engine_config: dict,
+            gpu_ids: list[int], gpu: int | None) -> dict:
+    """What of the preload fits the adopting engine and its device (as engine keyword
+    arguments): nothing for another model; the files alone for other weights or another GPU."""
     from pagedserve.config import EngineConfig
 
-    if preloaded is None:
-        return None
     ours, theirs = EngineConfig(**standby_config), EngineConfig(**engine_config)
-    same_weights = all(getattr(ours, k) == getattr(theirs, k) for k in ("model", "dtype",
-                                                                         "device"))
+    if ours.model != theirs.model:
+        return {}
+    files = {"files": preloaded["files"]} if "files" in preloaded else {}
+    same_weights = ours.dtype == theirs.dtype and ours.device == theirs.device
     if not same_weights or theirs.tensor_parallel_size != 1:
-        return None
+        return files
     on_device = "model" in preloaded or "engine" in preloaded
     if on_device and gpu is not None and gpu_ids and gpu_ids[0] != gpu:
-        return None  # on another GPU than the replica's
+        return files  # on another GPU than the replica's
     if "engine" in preloaded and ours != theirs:
-        return None  # built for another engine config
-    return preloaded
+        return files  # built for another engine config
+    return dict(preloaded)
 
 
 def _select_gpu(gpu_ids: list[int], torch) -> None:

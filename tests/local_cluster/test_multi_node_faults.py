@@ -105,8 +105,14 @@ def test_node_removed_unstarted_requests_are_readmitted(cluster):
     nodes, (first, second) = cluster["nodes"], cluster["workers"]
     load = _load()
 
+    (doomed,) = [r.replica_id for r in _details("Replica") if r.node_id == first.node_id]
+
     def remove_first_worker() -> None:
-        wait_for(lambda: _router_stats()["queue_len"], "requests queued")
+        def busy():  # streams run on the doomed replica and others wait in the router
+            stats = _router_stats()
+            return stats["queue_len"] and stats["replicas"][doomed]["num_running"]
+
+        wait_for(busy, "streams on the first worker's replica and requests queued")
         nodes.remove_node(first, allow_graceful=False)
 
     asyncio.run(with_load(load, remove_first_worker, settle_s=12))
@@ -114,6 +120,7 @@ def test_node_removed_unstarted_requests_are_readmitted(cluster):
     print(counts)
     assert counts["errored_before_start"] == 0, (counts, load.failed()[:3])
     assert counts["succeeded"] + counts["errored_after_start"] == counts["sent"], counts
+    assert counts["errored_after_start"] > 0, counts  # the streams on the lost node
     # A stream cut off by the node's loss ends with the service's error, not Ray's.
     assert all("failed after it started" in o.error for o in load.failed()), load.failed()[:3]
     # The warm minimum is back, on the surviving worker node.

@@ -25,18 +25,18 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import transformers
 import yaml
 
+from pagedserve.bench.serving_client import run_client
+from pagedserve.bench.serving_stats import poisson_offsets, summarize
+
 try:
     from benchmarks import common, random_model, throughput
-    from benchmarks.serving_client import Outcome, run_client
 except ModuleNotFoundError:  # run as `python benchmarks/serving.py`
     import common
     import random_model
     import throughput
-    from serving_client import Outcome, run_client
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -129,37 +129,14 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) -> tuple:
-    rng = np.random.default_rng(seed)
     n = len(workload.prompts)
-    gaps = np.zeros(n) if rate == float("inf") else rng.exponential(1.0 / rate, n)
-    offsets = np.cumsum(gaps) - gaps[0]
-    jobs = [(float(offsets[i]), workload.prompts[i], workload.output_lens[i]) for i in range(n)]
+    offsets = poisson_offsets(n, rate, seed)
+    jobs = [(offsets[i], workload.prompts[i], workload.output_lens[i]) for i in range(n)]
     shards = [jobs[i::clients] for i in range(clients)]
     start_at = time.time() + 3.0  # every client process is up by then
     with multiprocessing.get_context("spawn").Pool(clients) as pool:
         results = pool.map(run_client, [(url, model, shard, start_at) for shard in shards])
     return [o for shard in results for o in shard], start_at
-
-
-def summarize(outcomes: list[Outcome]) -> dict:
-    ok = [o for o in outcomes if o.error is None]
-    wall = max(o.end for o in ok) - min(o.sent for o in ok)
-    tokens = sum(o.output_tokens for o in ok)
-    ttft = [o.first_token - o.sent for o in ok if o.first_token]
-    tpot = [(o.end - o.first_token) / (o.output_tokens - 1)
-            for o in ok if o.first_token and o.output_tokens > 1]
-    e2e = [o.end - o.sent for o in ok]
-    return {"requests": len(outcomes), "errors": len(outcomes) - len(ok),
-            "first_errors": [o.error for o in outcomes if o.error][:3],
-            "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot), "e2e_s": _percentiles(e2e)}
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    return {"mean": float(np.mean(values)),
-            **{f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}}
 
 
 def print_report(summary: dict, direct: float | None) -> None:

@@ -42,6 +42,31 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(run=_serve)
+    graf = commands.add_parser("grafana", help="write the Grafana dashboard, or push it to Grafana")
+    graf.add_argument("--out", type=Path, help="write the dashboard JSON to this file")
+    graf.add_argument("--url", help="Grafana's base URL, e.g. http://grafana:3000")
+    graf.add_argument("--token", help="a Grafana service-account token (Editor role); "
+                      "default: $GRAFANA_TOKEN")
+    graf.add_argument("--folder", help="the Grafana folder to put it in (made if missing)")
+    graf.set_defaults(run=_grafana)
+    chat = commands.add_parser("chat", help="chat in the terminal with a running server")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    chat.add_argument("--model", default=None, help="default: the first model the server lists")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--api-key", default=None, help="sent as a bearer token (default: "
+                      "$PAGEDSERVE_API_KEY or $OPENAI_API_KEY)")
+    chat.set_defaults(run=_chat)
+    bench = commands.add_parser("bench", help="run a benchmark")
+    bench.set_defaults(run=lambda _: bench.print_help() or 2)
+    kinds = bench.add_subparsers(title="benchmarks")
+    serving = kinds.add_parser("serving", help="streaming clients with Poisson arrivals against "
+                               "a running server: TTFT/TPOT/e2e percentiles, JSON and PNG")
+    from pagedserve.bench.serving import add_arguments
+
+    add_arguments(serving)
+    serving.set_defaults(run=_bench_serving)
     return parser
 
 
@@ -77,6 +102,51 @@ def _serve(args: argparse.Namespace) -> int:
         yaml.safe_dump(config, f)
     print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
     return subprocess.call([serve_cli, "run", f.name])
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pagedserve.cli_chat import ChatSession, api_key_from_env, run_chat
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 (line editing and history for input())
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    session = ChatSession(args.url, args.model, args.system, args.max_tokens, args.temperature,
+                          args.api_key or api_key_from_env())
+    return run_chat(session)
+
+
+def _bench_serving(args: argparse.Namespace) -> int:
+    from pagedserve.bench.serving import run
+
+    summary = run(args)
+    return 0 if summary["errors"] == 0 else 1
+
+
+def _grafana(args: argparse.Namespace) -> int:
+    import os
+
+    from pagedserve.cluster.grafana_dashboard import dashboard_json
+    from pagedserve.cluster.grafana_push import GrafanaPushError, push_dashboard
+
+    if args.out is None and args.url is None:
+        raise ValueError("give --out FILE (write the dashboard) and/or --url URL (push it)")
+    if args.out is not None:
+        args.out.write_text(dashboard_json())
+        print(f"pagedserve: dashboard written to {args.out}")
+    if args.url is not None:
+        token = args.token or os.environ.get("GRAFANA_TOKEN")
+        if not token:
+            raise ValueError("--url needs --token (or $GRAFANA_TOKEN)")
+        try:
+            result = push_dashboard(args.url, token, args.folder)
+        except GrafanaPushError as err:
+            print(f"pagedserve: error: {err}", file=sys.stderr)
+            return 1
+        print(f"pagedserve: dashboard pushed to {args.url.rstrip('/')}{result.get('url', '')}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

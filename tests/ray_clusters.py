@@ -12,12 +12,13 @@ import ray
 
 
 @contextlib.contextmanager
-def own_ray_cluster(num_cpus: int) -> Iterator[None]:
-    """A fresh local Ray cluster for the caller alone; Serve and Ray are shut down after."""
+def own_ray_cluster(num_cpus: int, **init_args) -> Iterator[None]:
+    """A fresh local Ray cluster for the caller alone; Serve and Ray are shut down after.
+    `init_args`: more `ray.init` arguments (the dashboard, a metrics export port)."""
     if ray.is_initialized():
         raise RuntimeError("this process is still the driver of another Ray cluster; a module "
                            "that owns its cluster must not run while the served one is joined")
-    _start_local_cluster(num_cpus)
+    _start_local_cluster(num_cpus, init_args)
     try:
         yield
     finally:
@@ -27,7 +28,7 @@ def own_ray_cluster(num_cpus: int) -> Iterator[None]:
         leave_ray_cluster()
 
 
-def _start_local_cluster(num_cpus: int, attempts: int = 2) -> None:
+def _start_local_cluster(num_cpus: int, init_args: dict | None = None, attempts: int = 2) -> None:
     """`ray.init` of a new local cluster, tried again once if its raylet never registered.
 
     Ray forks its daemons from this process with a `preexec_fn`, which Python warns can
@@ -37,7 +38,8 @@ def _start_local_cluster(num_cpus: int, attempts: int = 2) -> None:
     """
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+            ray.init(num_cpus=num_cpus, logging_level="warning",
+                     **{"include_dashboard": False, **(init_args or {})})
             return
         except Exception as err:  # Ray raises a bare Exception for this
             if attempt == attempts or "timed out during startup" not in str(err):

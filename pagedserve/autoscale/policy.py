@@ -66,14 +66,28 @@ def decide(signals: Signals, state: PolicyState,
     return _clamp(target, config), replace(state, low_since=low_since)
 
 
+def scale_reason(s: Signals, new_target: int, config: AutoscaleConfig) -> str:
+    """Why `decide` moved the target from `s.target_replicas` to `new_target`, for metrics."""
+    if new_target > s.target_replicas:
+        return _breach(s, config) or "min_replicas"
+    return "max_replicas" if s.target_replicas > config.max_replicas else "low_load"
+
+
 def _breaches_ttft(s: Signals, config: AutoscaleConfig) -> bool:
+    return _breach(s, config) is not None
+
+
+def _breach(s: Signals, config: AutoscaleConfig) -> str | None:
+    """Which signal says queued work would miss the TTFT target; None when none does."""
     if s.queue_len <= 0:
-        return False
+        return None
     if s.current_replicas == 0:
-        return True  # nobody can serve the queue: the first request waits for a replica
-    return (s.oldest_wait_s >= config.ttft_target_s * config.queue_wait_fraction
-            or s.recent_ttft_s > config.ttft_target_s
-            or s.max_kv_usage >= config.kv_high_watermark)
+        return "no_replica"  # nobody can serve the queue: the first request waits for one
+    if s.oldest_wait_s >= config.ttft_target_s * config.queue_wait_fraction:
+        return "queue_wait"
+    if s.recent_ttft_s > config.ttft_target_s:
+        return "ttft"
+    return "kv_usage" if s.max_kv_usage >= config.kv_high_watermark else None
 
 
 def _replicas_needed(s: Signals) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from pagedserve.autoscale.policy import PolicyState, Signals, decide
+from pagedserve.autoscale.policy import PolicyState, Signals, decide, scale_reason
 from pagedserve.config import AutoscaleConfig
+from pagedserve.metric_list import serve_metric
 
 # Serve's own logger: its INFO lines reach the replica and controller log files (ours would
 # stop at the root logger's WARNING level).
@@ -38,6 +39,7 @@ class ReplicaAutoscalingPolicy:
         self.config = AutoscaleConfig(**autoscale)
         self.running_per_replica = self.config.running_per_replica or running_per_replica
         self.parked = parked
+        self._scale_events = serve_metric("scale_events")  # recorded in Serve's controller
 
     def __call__(self, ctx) -> tuple[int, dict]:
         """Decide the serving replicas; ask Serve for those plus the parked ones."""
@@ -46,9 +48,12 @@ class ReplicaAutoscalingPolicy:
         signals = signals_from_context(ctx, self.running_per_replica, self.parked, serving_target)
         target, state = decide(signals, PolicyState(**stored), self.config)
         if target != signals.target_replicas:
-            logger.info("autoscale: %d -> %d serving replicas, %d parked (queue %d, oldest wait "
+            direction = "up" if target > signals.target_replicas else "down"
+            reason = scale_reason(signals, target, self.config)
+            self._scale_events.inc(tags={"direction": direction, "reason": reason})
+            logger.info("autoscale: %d -> %d serving replicas (%s), %d parked (queue %d, oldest wait "
                         "%.2f s, running %d, kv %.2f, ttft %.2f s)", signals.target_replicas,
-                        target, self.parked, signals.queue_len, signals.oldest_wait_s,
+                        target, reason, self.parked, signals.queue_len, signals.oldest_wait_s,
                         signals.num_running, signals.max_kv_usage, signals.recent_ttft_s)
         return target + self.parked, {_STATE_KEY: {**asdict(state), "serving_target": target}}
 

@@ -7,22 +7,14 @@ Ray's Prometheus export) and in the ingress's own registry (its `/metrics` route
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from ray.serve import metrics as serve_metrics
 
-# name: (kind, description, tag keys)
-GATEWAY_METRICS = {
-    "pagedserve_response_cache_hits": ("counter", "response cache hits", ("level",)),
-    "pagedserve_response_cache_misses": ("counter", "response cache misses of cacheable "
-                                                    "requests", ()),
-    "pagedserve_response_cache_errors": ("counter", "response cache store errors (Redis down "
-                                                    "or slow)", ("level",)),
-    "pagedserve_response_cache_bytes": ("gauge", "bytes held by the response cache",
-                                        ("level",)),
-    "pagedserve_auth_rejections": ("counter", "requests refused by the gateway",
-                                   ("key_name", "code")),
-}
+from pagedserve.metric_list import serve_metric, spec
+
+# Their names, kinds, tags and help come from the metric list (and so does the dashboard).
+GATEWAY_METRICS = ("pagedserve_response_cache_hits", "pagedserve_response_cache_misses",
+                   "pagedserve_response_cache_errors", "pagedserve_response_cache_bytes",
+                   "pagedserve_auth_rejections")
 _PROM = {"counter": Counter, "gauge": Gauge}
-_SERVE = {"counter": serve_metrics.Counter, "gauge": serve_metrics.Gauge}
 
 
 class GatewayMetrics:
@@ -31,9 +23,11 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._prom = {}
         self._serve = {}
-        for name, (kind, text, tags) in GATEWAY_METRICS.items():
-            self._prom[name] = _PROM[kind](name, text, list(tags), registry=registry)
-            self._serve[name] = _SERVE[kind](name, description=text, tag_keys=tags)
+        for name in GATEWAY_METRICS:
+            metric = spec(name)
+            self._prom[name] = _PROM[metric.kind](name, metric.help, list(metric.tags),
+                                                  registry=registry)
+            self._serve[name] = serve_metric(name)
 
     def cache_hit(self, level: str) -> None:
         self._inc("pagedserve_response_cache_hits", level=level)

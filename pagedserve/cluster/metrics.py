@@ -1,78 +1,61 @@
-"""Request metrics of the ingress, exported twice.
+"""Request metrics of the ingress, exported twice, both from `pagedserve.metric_list`.
 
 Through `ray.serve.metrics` they reach the Ray dashboard and Ray's Prometheus export (with a
 `ray_` prefix and deployment/replica tags). `/metrics` on the ingress also renders them in
-Prometheus text, together with the router's cluster-wide view (queue, replicas, KV blocks), so
-a scraper pointed at the HTTP endpoint alone sees the whole service.
+Prometheus text, together with the router's cluster-wide view (queue, replicas by state, each
+replica's batch and KV blocks), so a scraper pointed at the HTTP endpoint alone sees the service.
+The replicas' counters (prefix cache, steps, start-up) are in Ray's export only.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from ray.serve import metrics as serve_metrics
 
-LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
-TOKEN_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
-_HISTOGRAMS = {
-    "ttft_s": ("time to first token", LATENCY_BUCKETS_S),
-    "tpot_s": ("time per output token after the first", TOKEN_BUCKETS_S),
-    "e2e_s": ("end-to-end request latency", LATENCY_BUCKETS_S),
-    "queue_s": ("time waiting in the router for a replica", LATENCY_BUCKETS_S),
-}
+from pagedserve.metric_list import METRICS, Metric, serve_metrics_for
+
+_PROM_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+# The router's stats() keys behind each per-replica gauge rendered on /metrics.
+_REPLICA_FIELDS = {"replica_running": "num_running", "replica_waiting": "num_waiting",
+                   "replica_free_blocks": "num_free_blocks", "replica_kv_usage": "kv_usage"}
+
+
+def _prometheus(metric: Metric, registry: CollectorRegistry):
+    labels = list(metric.tags) + (["replica"] if metric.source == "replica" else [])
+    kwargs = {"buckets": metric.boundaries} if metric.kind == "histogram" else {}
+    return _PROM_KINDS[metric.kind](metric.name, metric.help, labels, registry=registry, **kwargs)
 
 
 class IngressMetrics:
-    """Histograms of TTFT, TPOT, end-to-end and queue time, and request counts by status."""
+    """TTFT, TPOT and end-to-end histograms, and requests by status and endpoint."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._prom = {
-            key: Histogram(f"pagedserve_{key}", text, registry=self.registry, buckets=buckets)
-            for key, (text, buckets) in _HISTOGRAMS.items()
-        }
-        self._serve = {
-            key: serve_metrics.Histogram(f"pagedserve_{key}", description=text, boundaries=buckets)
-            for key, (text, buckets) in _HISTOGRAMS.items()
-        }
-        self._requests = Counter("pagedserve_requests", "finished requests by HTTP status",
-                                 ["status"], registry=self.registry)
-        self._serve_requests = serve_metrics.Counter(
-            "pagedserve_requests", description="finished requests by HTTP status",
-            tag_keys=("status",))
-        self._tokens = Counter("pagedserve_generated_tokens", "generated tokens",
-                               registry=self.registry)
-        self._cluster = {
-            name: Gauge(f"pagedserve_{name}", text, registry=self.registry)
-            for name, text in (("router_queue_len", "requests waiting in the router"),
-                               ("router_oldest_wait_s", "longest current wait in the router"),
-                               ("replicas_ready", "replicas reporting to the router"))
-        }
-        self._per_replica = {
-            name: Gauge(f"pagedserve_replica_{name}", text, ["replica"], registry=self.registry)
-            for name, text in (("running", "running sequences"), ("waiting", "waiting sequences"),
-                               ("free_blocks", "free KV blocks"))
-        }
+        self._prom = {m.name.removeprefix("pagedserve_"): _prometheus(m, self.registry)
+                      for m in METRICS if m.on_http}
+        self._serve = serve_metrics_for("ingress")
 
     def observe(self, key: str, seconds: float) -> None:
         self._prom[key].observe(seconds)
         self._serve[key].observe(seconds)
 
-    def count_request(self, status: int, tokens: int = 0) -> None:
-        self._requests.labels(status=str(status)).inc()
-        self._serve_requests.inc(tags={"status": str(status)})
+    def count_request(self, status: int, tokens: int = 0, endpoint: str = "") -> None:
+        tags = {"status": str(status), "endpoint": endpoint}
+        self._prom["requests"].labels(**tags).inc()
+        self._serve["requests"].inc(tags=tags)
         if tokens:
-            self._tokens.inc(tokens)
+            self._prom["generated_tokens"].inc(tokens)
+            self._serve["generated_tokens"].inc(tokens)
 
     def render(self, router_stats: dict | None) -> bytes:
         """Prometheus text: this ingress's request metrics plus the router's cluster view."""
         if router_stats is not None:
-            self._cluster["router_queue_len"].set(router_stats["queue_len"])
-            self._cluster["router_oldest_wait_s"].set(router_stats["oldest_wait_s"])
-            self._cluster["replicas_ready"].set(len(router_stats["replicas"]))
-            for gauge in self._per_replica.values():
-                gauge.clear()  # replicas that stopped reporting disappear
+            self._prom["router_queue_len"].set(router_stats["queue_len"])
+            self._prom["router_oldest_wait_s"].set(router_stats["oldest_wait_s"])
+            for state, count in router_stats.get("replicas_by_state", {}).items():
+                self._prom["replicas"].labels(state=state).set(count)
+            for key in _REPLICA_FIELDS:
+                self._prom[key].clear()  # replicas that stopped reporting disappear
             for rid, rep in router_stats["replicas"].items():
-                self._per_replica["running"].labels(replica=rid).set(rep["num_running"])
-                self._per_replica["waiting"].labels(replica=rid).set(rep["num_waiting"])
-                self._per_replica["free_blocks"].labels(replica=rid).set(rep["num_free_blocks"])
+                for key, field in _REPLICA_FIELDS.items():
+                    self._prom[key].labels(replica=rid).set(rep[field])
         return generate_latest(self.registry)

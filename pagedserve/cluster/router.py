@@ -13,7 +13,6 @@ from dataclasses import fields
 
 import ray
 from ray import serve
-from ray.serve.metrics import Counter, Gauge
 
 from pagedserve.cluster.admission import (
     AdmissionQueue,
@@ -25,6 +24,7 @@ from pagedserve.cluster.admission import (
 from pagedserve.cluster.hot_prefixes import HotPrefixes
 from pagedserve.cluster.membership import STOPPING_STATES, watch_membership
 from pagedserve.cluster.parking import Parking
+from pagedserve.cluster.router_metrics import RouterMetrics
 from pagedserve.config import RouterConfig, WarmPrefixConfig
 from pagedserve.replicas.node.services import NodeServices
 
@@ -54,14 +54,8 @@ class RouterDeployment:
         self.hot = HotPrefixes(warm.half_life_s, warm.max_tokens, time.monotonic)
         self.warm_top_k = warm.top_k
         self._futures: dict[str, asyncio.Future] = {}
-        self._queue_len = Gauge("pagedserve_router_queue_len",
-                                description="requests waiting in the router for a replica")
-        self._replicas = Gauge("pagedserve_router_replicas",
-                               description="replicas reporting capacity to the router")
-        self._parked = Gauge("pagedserve_router_parked_replicas",
-                             description="warm replicas the router admits nothing to (parked)")
         self._expiry: asyncio.Task | None = None
-        self._scale = _ScaleMetrics()
+        self._metrics = RouterMetrics()
         # Autoscaled replicas: drain the ones Serve stops (watched from the first report on,
         # since a sync constructor may not run on the actor's event loop).
         self._watched = replica_deployment
@@ -88,8 +82,11 @@ class RouterDeployment:
         self.queue.enqueue(admission)  # QueueFullError goes back to the ingress
         self._futures[admission.request_id] = future
         self._dispatch()
+        started = time.monotonic()
         try:
-            return await future
+            replica_id = await future
+            self._metrics.admitted(replica_id, time.monotonic() - started)
+            return replica_id
         except asyncio.CancelledError:
             self.queue.cancel(admission.request_id)
             if future.done() and not future.cancelled():
@@ -149,9 +146,11 @@ class RouterDeployment:
                 rid: {"load": s.load, "num_admitted": s.num_admitted,
                       "num_free_blocks": s.report.num_free_blocks,
                       "num_running": s.report.num_running, "num_waiting": s.report.num_waiting,
+                      "kv_usage": 1.0 - s.report.num_free_blocks / max(1, s.report.num_total_blocks),
                       "draining": s.report.draining, "parked": self.parking.is_parked(rid)}
                 for rid, s in self.queue.replicas.items()
             },
+            "replicas_by_state": self._metrics.by_state,
             "num_unparked": self.parking.num_unparked,
             "num_hot_prefixes": len(self.hot),
         }
@@ -164,7 +163,7 @@ class RouterDeployment:
         for rid in stopping - self.queue.retired:
             serve_logger.info("replica %s is stopping: draining it (no new admissions)", rid)
         self.queue.set_retired(stopping)
-        self._scale.observe(states)
+        self._metrics.serve_states = states
         self.parking.set_deployment_target(target)
         self.queue.rebalance_parking()
         self._dispatch()
@@ -180,9 +179,9 @@ class RouterDeployment:
             else:
                 self.queue.release(replica_id, request_id)
         self._fail_rejected()
-        self._queue_len.set(len(self.queue))
-        self._replicas.set(len(self.queue.replicas))
-        self._parked.set(len(self.parking.parked))
+        self._metrics.update(len(self.queue), self.queue.oldest_wait_s(),
+                             {rid: s.report.draining or rid in self.queue.retired
+                              for rid, s in self.queue.replicas.items()}, self.parking.parked)
 
     def _fail_rejected(self) -> None:
         """End the admissions of requests that no replica could ever hold, with the reason."""
@@ -207,30 +206,6 @@ class RouterDeployment:
             await asyncio.sleep(EXPIRY_PERIOD_S)
             self.queue.rebalance_parking()
             self._dispatch()  # assign() drops silent replicas and unconfirmed reservations
-
-
-class _ScaleMetrics:
-    """Replicas per Serve state, and scale events, as the router sees them."""
-
-    def __init__(self) -> None:
-        self._by_state = Gauge("pagedserve_replicas_by_state", tag_keys=("state",),
-                               description="replicas of the model per Serve state")
-        self._events = Counter("pagedserve_scale_events", tag_keys=("direction",),
-                               description="replicas added (up) or set to stop (down)")
-        self._known: dict[str, str] = {}
-
-    def observe(self, states: dict[str, str]) -> None:
-        added = [rid for rid in states if rid not in self._known]
-        stopped = [rid for rid, s in states.items()
-                   if s in STOPPING_STATES and self._known.get(rid) not in STOPPING_STATES]
-        if self._known and added:  # the first look is the app's start, not a scale event
-            self._events.inc(len(added), tags={"direction": "up"})
-        if stopped:
-            self._events.inc(len(stopped), tags={"direction": "down"})
-        for state in {"STARTING", "RUNNING", "STOPPING"} | set(states.values()):
-            count = sum(1 for s in states.values() if s == state)
-            self._by_state.set(count, tags={"state": state})
-        self._known = dict(states)
 
 
 __all__ = ["PromptTooLargeError", "QueueFullError", "RouterDeployment"]

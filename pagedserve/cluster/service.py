@@ -32,6 +32,8 @@ from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.replicas.models.registry import load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
 
+CHAT, COMPLETIONS = "chat_completions", "completions"  # the `endpoint` tag of request metrics
+
 
 @dataclass
 class ModelInfo:
@@ -85,6 +87,11 @@ class Prepared:
     def prompt_tokens(self) -> int:
         return _prompt_tokens(self.jobs)
 
+    @property
+    def metric_endpoint(self) -> str:
+        """The `endpoint` tag of this request's metrics."""
+        return CHAT if self.endpoint == "chat" else COMPLETIONS
+
 
 class OpenAIService:
     """`chat_completions` / `completions`: a response dict, or an async iterator of chunks."""
@@ -104,7 +111,7 @@ class OpenAIService:
 
     def prepare_chat(self, body: object) -> Prepared:
         """Validate and tokenize a chat request (APIError 400 on a bad one)."""
-        with self._counting_errors():
+        with self._counting_errors(CHAT):
             request = parse_chat_request(body)
             self._check_model(request.model)
             prompt = render_chat(request, self.model.tokenizer)
@@ -114,7 +121,7 @@ class OpenAIService:
 
     def prepare_completions(self, body: object) -> Prepared:
         """Validate and tokenize a completions request (APIError 400 on a bad one)."""
-        with self._counting_errors():
+        with self._counting_errors(COMPLETIONS):
             request = parse_completion_request(body)
             self._check_model(request.model)
             request_id = uuid.uuid4().hex
@@ -126,9 +133,10 @@ class OpenAIService:
 
     async def respond(self, prepared: Prepared) -> dict | AsyncIterator[dict]:
         """Generate the answer: a response dict, or (`stream: true`) an iterator of chunks."""
+        endpoint = prepared.metric_endpoint
         if prepared.request.stream:
-            return await self._stream(prepared.jobs, prepared.output)
-        return await self._unary(prepared.jobs, prepared.output)
+            return await self._stream(prepared.jobs, prepared.output, endpoint)
+        return await self._unary(prepared.jobs, prepared.output, endpoint)
 
     def _output_args(self, request, request_id: str) -> tuple:
         return (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
@@ -136,14 +144,14 @@ class OpenAIService:
     def models(self) -> list[str]:
         return [self.model.name]
 
-    async def _unary(self, jobs: list[Job], builder) -> dict:
+    async def _unary(self, jobs: list[Job], builder, endpoint: str) -> dict:
         n = jobs[0].params.n
-        async for index, delta in self._deltas(jobs):
+        async for index, delta in self._deltas(jobs, endpoint):
             builder.add(delta, choice_offset=index * n)
         return builder.response(_prompt_tokens(jobs))
 
-    async def _stream(self, jobs: list[Job], stream) -> AsyncIterator[dict]:
-        deltas = self._deltas(jobs)
+    async def _stream(self, jobs: list[Job], stream, endpoint: str) -> AsyncIterator[dict]:
+        deltas = self._deltas(jobs, endpoint)
         first = await anext(deltas)  # admission errors (503) surface before any byte is sent
         return self._chunks(first, deltas, stream, jobs)
 
@@ -157,7 +165,7 @@ class OpenAIService:
         for chunk in stream.finish(_prompt_tokens(jobs)):
             yield chunk
 
-    async def _deltas(self, jobs: list[Job]) -> AsyncIterator[tuple[int, object]]:
+    async def _deltas(self, jobs: list[Job], endpoint: str) -> AsyncIterator[tuple[int, object]]:
         """Every job's deltas as `(job index, delta)`, with latency and status recorded."""
         start = time.monotonic()
         first_token_at = None
@@ -177,23 +185,23 @@ class OpenAIService:
             status = 499  # the client went away
             raise
         finally:
-            self._record(status, start, first_token_at, tokens)
+            self._record(status, start, first_token_at, tokens, endpoint)
 
     def _record(self, status: int, start: float, first_token_at: float | None,
-                tokens: int) -> None:
+                tokens: int, endpoint: str) -> None:
         end = time.monotonic()
-        self.metrics.count_request(status, tokens)
+        self.metrics.count_request(status, tokens, endpoint)
         if status == 200:
             self.metrics.observe("e2e_s", end - start)
             if first_token_at is not None and tokens > 1:
                 self.metrics.observe("tpot_s", (end - first_token_at) / (tokens - 1))
 
     @contextmanager
-    def _counting_errors(self):
+    def _counting_errors(self, endpoint: str):
         try:
             yield
         except APIError as err:
-            self.metrics.count_request(err.status)
+            self.metrics.count_request(err.status, endpoint=endpoint)
             raise
 
     def _params(self, request, prompt_token_ids: list[int]):

@@ -22,14 +22,13 @@ from dataclasses import asdict
 
 import ray
 from ray import serve
-from ray.serve.metrics import Gauge
 
 from pagedserve.autoscale import serve_policy as sp
 from pagedserve.config import ClusterConfig
 from pagedserve.outputs import RequestOutput
-from pagedserve.replicas.engine.engine_stats import EngineStats
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
 from pagedserve.replicas.parallel.workers import RankWorkers
+from pagedserve.replicas.replica_metrics import ReplicaMetrics
 from pagedserve.replicas.startup import report_startup, start_engine
 from pagedserve.sampling_params import SamplingParams
 
@@ -62,7 +61,8 @@ class ReplicaDeployment:
         try:
             self.engine, self.weights_from = await start_engine(
                 self.config, router, timer, init_method, context.app_name,
-                [int(g) for g in ray.get_gpu_ids()])
+                [int(g) for g in ray.get_gpu_ids()],
+                self.ranks.stopped if self.ranks is not None else None)
         except BaseException:
             if self.ranks is not None:
                 self.ranks.kill()
@@ -82,7 +82,7 @@ class ReplicaDeployment:
         self.draining = False
         self._received: list[str] = []
         self._wake = asyncio.Event()
-        self._gauges = _replica_gauges()
+        self._metrics = ReplicaMetrics()
         self._reporter = asyncio.create_task(self._report_loop()) if router is not None else None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
@@ -204,7 +204,7 @@ class ReplicaDeployment:
             self._wake.clear()
             now = time.monotonic()
             stats = self.engine.stats_nowait()
-            self._set_gauges(stats)
+            self._metrics.record(stats)
             key = (stats.num_running, stats.num_waiting, stats.num_free_blocks, self.draining)
             hashes_stale = hashes_stale or key != last_key
             send_hashes = (hashes_stale and not self.draining  # a stopped engine has none
@@ -257,24 +257,3 @@ class ReplicaDeployment:
         if isinstance(view, dict):  # the router's queue, relayed to the autoscaler
             self._router_view = view
             self.parked = bool(view.get("parked", False))
-
-    def _set_gauges(self, stats: EngineStats) -> None:
-        self._gauges["running"].set(stats.num_running)
-        self._gauges["waiting"].set(stats.num_waiting)
-        self._gauges["free_blocks"].set(stats.num_free_blocks)
-        self._gauges["kv_usage"].set(1.0 - stats.num_free_blocks / max(1, stats.num_total_blocks))
-        self._gauges["prefix_hit_rate"].set(stats.prefix_cache_hit_rate)
-        self._gauges["parked"].set(1.0 if self.parked else 0.0)
-
-
-def _replica_gauges() -> dict[str, Gauge]:
-    names = {
-        "running": "sequences in the running batch",
-        "waiting": "sequences admitted to the engine but not started",
-        "free_blocks": "free KV-cache blocks",
-        "kv_usage": "fraction of KV-cache blocks in use",
-        "prefix_hit_rate": "fraction of prompt blocks served from the prefix cache",
-        "parked": "1 while the router admits nothing to this warm replica (parked)",
-    }
-    return {key: Gauge(f"pagedserve_replica_{key}", description=text)
-            for key, text in names.items()}

@@ -11,9 +11,8 @@ import asyncio
 import functools
 import logging
 
-from ray.serve.metrics import Counter, Histogram
-
 from pagedserve.config import ClusterConfig
+from pagedserve.metric_list import serve_metric
 from pagedserve.replicas.engine.process_engine import ProcessEngine
 from pagedserve.replicas.engine.startup_phases import PhaseTimer, format_phases
 from pagedserve.replicas.node.standby_client import claim_standby
@@ -24,14 +23,14 @@ from pagedserve.replicas.node.weight_client import fetch_shared_weights
 logger = logging.getLogger("ray.serve")
 
 STORE_WAIT_S = 600.0  # the first store on a node may still be reading a large model
-PHASE_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
 
 
 async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
                        init_method: str | None = None, app_name: str = "pagedserve",
-                       gpu_ids: list[int] | None = None) -> tuple[ProcessEngine, str]:
+                       gpu_ids: list[int] | None = None,
+                       rank_failure=None) -> tuple[ProcessEngine, str]:
     """The replica's engine: an adopted standby of its node, else a new process, with its
-    weights from the node's store when there is one.
+    weights from the node's store when there is one. `rank_failure`: see `ProcessEngine`.
 
     Returns the engine and where it came from: "standby_<mode>", "object_store" or "disk".
     """
@@ -49,7 +48,8 @@ async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
         engine = await loop.run_in_executor(None, functools.partial(
             ProcessEngine, config.engine, config.torch_threads,
             max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
-            shared_weights=shared, standby=standby, gpu_ids=gpu_ids))
+            shared_weights=shared, standby=standby, gpu_ids=gpu_ids,
+            rank_failure=rank_failure))
     finally:
         if shared is not None:
             shared.unlink()  # the engine copied the tensors out (or failed)
@@ -64,11 +64,7 @@ def report_startup(replica_id: str, phases: dict[str, float], source: str) -> No
     total = sum(phases.values())
     logger.info("replica %s ready in %.2f s (weights from %s): %s", replica_id, total, source,
                 format_phases(phases))
-    histogram = Histogram("pagedserve_replica_startup_seconds", boundaries=PHASE_BOUNDARIES,
-                          tag_keys=("phase", "weights_from"),
-                          description="wall time of each phase of a replica's start")
+    histogram = serve_metric("replica_startup_seconds")
     for phase, seconds in {**phases, "total": total}.items():
         histogram.observe(seconds, tags={"phase": phase, "weights_from": source})
-    Counter("pagedserve_replica_starts", tag_keys=("weights_from",),
-            description="replicas started, by where their weights came from"
-            ).inc(tags={"weights_from": source})
+    serve_metric("replica_starts").inc(tags={"weights_from": source})

@@ -63,6 +63,7 @@ class LLMEngine:
         already loaded on this engine's device (a standby engine's), used as it is; `files`:
         the model's config and tokenizer, read ahead (used only if it is `config.model`'s)."""
         self.config = config
+        self.num_steps, self.step_seconds = 0, 0.0  # for the step-time metrics
         started = time.perf_counter()
         use_node_cache()  # Triton kernels compiled on this node before are found, not rebuilt
         if files is None or files.model != config.model:
@@ -153,6 +154,14 @@ class LLMEngine:
         On CUDA the step is pipelined: this call launches the next batch, then collects the
         previous one's tokens while the GPU works, so outputs lag the launch by one step.
         """
+        started = time.perf_counter()
+        try:
+            return self._step(stream)
+        finally:
+            self.num_steps += 1
+            self.step_seconds += time.perf_counter() - started
+
+    def _step(self, stream: bool | Callable[[str], bool]) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
         if self._in_flight is not None and self._in_flight.needs_sync:
             self._resolve(touched)  # the next batch needs those tokens on the host (penalties)
@@ -174,6 +183,10 @@ class LLMEngine:
             num_total_blocks=bm.num_blocks,
             prefix_cache_hit_rate=bm.num_prefix_hits / max(1, bm.num_prefix_queries),
             num_preemptions=self.scheduler.num_preemptions,
+            num_prefix_hit_tokens=bm.num_prefix_hits,
+            num_prefix_queried_tokens=bm.num_prefix_queries,
+            num_steps=self.num_steps,
+            step_seconds=self.step_seconds,
         )
 
     def _launch(self, batch: SchedulerOutput) -> _InFlight:

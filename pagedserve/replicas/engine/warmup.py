@@ -163,4 +163,5 @@ def _reset_counters(engine) -> None:
     engine.block_manager.num_prefix_queries = 0
     engine.block_manager.num_prefix_hits = 0
     engine.scheduler.num_preemptions = 0
+    engine.num_steps, engine.step_seconds = 0, 0.0
     torch.manual_seed(engine.config.seed)  # unseeded sampling as if no warm-up had run

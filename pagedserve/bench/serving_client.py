@@ -1,4 +1,4 @@
-"""Streaming HTTP clients for the serving benchmark: one asyncio loop per process.
+"""Streaming HTTP clients for the serving benchmarks: one asyncio loop per process.
 
 Each request is a streamed `/v1/completions` call with token-id prompts and `ignore_eos`, sent at
 its scheduled time (Poisson arrivals are drawn by the parent); it records when it was sent, when
@@ -50,10 +50,14 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return Outcome(sent, first, time.time(), tokens, error)
 
 
-async def _run(url: str, model: str, jobs: list[tuple[float, list[int], int]],
-               start_at: float) -> list[Outcome]:
+async def run_jobs(url: str, model: str, jobs: list[tuple[float, list[int], int]],
+                   start_at: float, api_key: str | None = None) -> list[Outcome]:
+    """Send each `(offset s, prompt ids, max tokens)` job at `start_at + offset`; outcomes in
+    job order. `api_key`: sent as `Authorization: Bearer`."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits,
+                                 headers=headers) as client:
         async def scheduled(offset: float, prompt: list[int], max_tokens: int) -> Outcome:
             await asyncio.sleep(max(0.0, start_at + offset - time.time()))
             return await _one(client, url, model, prompt, max_tokens)
@@ -64,4 +68,4 @@ async def _run(url: str, model: str, jobs: list[tuple[float, list[int], int]],
 def run_client(args: tuple) -> list[Outcome]:
     """Process entry point: `(url, model, jobs, start_at)` -> outcomes in job order."""
     url, model, jobs, start_at = args
-    return asyncio.run(_run(url, model, jobs, start_at))
+    return asyncio.run(run_jobs(url, model, jobs, start_at))

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package: `pagedserve bench serving` measures a running server."""

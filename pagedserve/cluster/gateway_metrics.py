@@ -1,20 +1,20 @@
 """Metrics of the gateway: response cache hits, misses, errors and bytes; auth rejections.
 
-Registered twice, as `cluster/metrics.py` does: through `ray.serve.metrics` (Ray dashboard and
+Registered twice, as `cluster/metrics.py` does: through Ray Serve's metrics (Ray dashboard and
 Ray's Prometheus export) and in the ingress's own registry (its `/metrics` route).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
+from pagedserve.cluster.metrics import _prometheus
 from pagedserve.metric_list import serve_metric, spec
 
 # Their names, kinds, tags and help come from the metric list (and so does the dashboard).
 GATEWAY_METRICS = ("pagedserve_response_cache_hits", "pagedserve_response_cache_misses",
                    "pagedserve_response_cache_errors", "pagedserve_response_cache_bytes",
                    "pagedserve_auth_rejections")
-_PROM = {"counter": Counter, "gauge": Gauge}
 
 
 class GatewayMetrics:
@@ -24,9 +24,7 @@ class GatewayMetrics:
         self._prom = {}
         self._serve = {}
         for name in GATEWAY_METRICS:
-            metric = spec(name)
-            self._prom[name] = _PROM[metric.kind](name, metric.help, list(metric.tags),
-                                                  registry=registry)
+            self._prom[name] = _prometheus(spec(name), registry)
             self._serve[name] = serve_metric(name)
 
     def cache_hit(self, level: str) -> None:

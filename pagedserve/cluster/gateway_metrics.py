@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from pagedserve.cluster.metrics import _prometheus
+from pagedserve.cluster.metrics import prometheus_metric
 from pagedserve.metric_list import serve_metric, spec
 
 # Their names, kinds, tags and help come from the metric list (and so does the dashboard).
@@ -24,7 +24,7 @@ class GatewayMetrics:
         self._prom = {}
         self._serve = {}
         for name in GATEWAY_METRICS:
-            self._prom[name] = _prometheus(spec(name), registry)
+            self._prom[name] = prometheus_metric(spec(name), registry)
             self._serve[name] = serve_metric(name)
 
     def cache_hit(self, level: str) -> None:

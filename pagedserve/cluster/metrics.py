@@ -19,7 +19,7 @@ _REPLICA_FIELDS = {"replica_running": "num_running", "replica_waiting": "num_wai
                    "replica_free_blocks": "num_free_blocks", "replica_kv_usage": "kv_usage"}
 
 
-def _prometheus(metric: Metric, registry: CollectorRegistry):
+def prometheus_metric(metric: Metric, registry: CollectorRegistry):
     labels = list(metric.tags) + (["replica"] if metric.source == "replica" else [])
     kwargs = {"buckets": metric.boundaries} if metric.kind == "histogram" else {}
     return _PROM_KINDS[metric.kind](metric.name, metric.help, labels, registry=registry, **kwargs)
@@ -30,7 +30,7 @@ class IngressMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._prom = {m.name.removeprefix("pagedserve_"): _prometheus(m, self.registry)
+        self._prom = {m.name.removeprefix("pagedserve_"): prometheus_metric(m, self.registry)
                       for m in METRICS if m.on_http}
         self._serve = serve_metrics_for("ingress")
 

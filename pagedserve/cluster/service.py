@@ -27,7 +27,7 @@ from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.replicas.models.registry import load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
 
-CHAT, COMPLETIONS = "chat_completions", "completions"  # the `endpoint` tag of request metrics
+CHAT, COMPLETIONS = "chat", "completions"  # the `endpoint` tag of request metrics
 
 
 @dataclass

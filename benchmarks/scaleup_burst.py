@@ -88,7 +88,14 @@ async def _burst(url: str, prompt: list[int], size: int) -> dict:
         tasks = [asyncio.ensure_future(_stream(client, url, prompt, firsts, everyone, size))
                  for _ in range(size)]
         waiter = asyncio.ensure_future(everyone.wait())
-        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_EXCEPTION)
+        pending = {waiter, *tasks}
+        # Until every stream has its first token, or one fails (FIRST_EXCEPTION alone would
+        # also wait for the streams to end: thousands of tokens on a CPU).
+        while not waiter.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(t is not waiter and (t.cancelled() or t.exception()) for t in done):
+                break
+        waiter.cancel()
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -134,6 +134,72 @@ class WarmPrefixConfig(BaseModel):
     half_life_s: float = Field(default=300.0, gt=0)  # how fast old hits stop counting
 
 
+CacheScope = Literal["key", "global"]
+
+
+class CacheConfig(BaseModel):
+    """The response cache of the ingress (see `pagedserve.cluster.response_cache`).
+
+    Deterministic requests only (temperature 0 or a fixed seed). L1 is each ingress replica's
+    in-memory LRU; L2 is Redis at `redis_url`, shared by every ingress. `scope: key` keeps each
+    API key's entries apart; `global` shares them between keys.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    max_entries: int = Field(default=10_000, ge=1)  # L1 entries per ingress replica
+    max_entry_bytes: int = Field(default=1 << 20, ge=1024)  # larger responses are not cached
+    ttl_s: float = Field(default=1800.0, gt=0)
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(default=0.05, gt=0)  # a slower Redis answer is a miss
+    scope: CacheScope = "key"
+
+
+class RateLimitConfig(BaseModel):
+    """Token buckets of one API key: requests and tokens (prompt + max_tokens) per minute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_min: float | None = Field(default=None, gt=0)  # None: unlimited
+    tokens_per_min: float | None = Field(default=None, gt=0)
+
+
+class ApiKeyConfig(BaseModel):
+    """One API key: `name` shows in metrics and logs, `key` never does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    key: SecretStr = Field(min_length=8)
+    rate_limit: RateLimitConfig | None = None  # None: the auth section's default
+
+
+class AuthConfig(BaseModel):
+    """API keys on every HTTP route but the probes, and per-key rate limits.
+
+    Keys come from `api_keys` and from the environment variable named by `api_keys_env`
+    (`name:key,name:key`). With `redis_url` the buckets live in Redis, shared by every ingress.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    api_keys_env: str | None = None
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(default=0.1, gt=0)  # then the ingress's own bucket decides
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> AuthConfig:
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"api_keys names must be unique, got {names}")
+        if not self.api_keys and self.api_keys_env is None:
+            raise ValueError("auth needs api_keys or api_keys_env")
+        return self
+
+
 class ClusterConfig(BaseModel):
     """Settings of the Serve application: engine, replicas, router and HTTP limits.
 
@@ -162,6 +228,8 @@ class ClusterConfig(BaseModel):
     weight_store: WeightStoreConfig | None = None  # None: replicas load weights from disk
     standby: StandbyConfig = Field(default_factory=StandbyConfig)
     warm_prefixes: WarmPrefixConfig = Field(default_factory=WarmPrefixConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    auth: AuthConfig | None = None  # None: no API keys (every route open)
 
     @model_validator(mode="after")
     def _check_replica_count(self) -> ClusterConfig:

@@ -22,6 +22,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve.cluster.dispatch import Dispatcher
+from pagedserve.cluster.gateway import Answer, Gateway, served_model_id
 from pagedserve.cluster.metrics import IngressMetrics
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_responses import models_list
@@ -94,25 +95,29 @@ class IngressDeployment:
                                 warm.max_tokens if warm.top_k > 0 else 0)
         self.service = OpenAIService(self.config, load_model_info(self.config), dispatcher,
                                      self.metrics)
+        self.gateway = Gateway(self.config, self.service, served_model_id(self.config),
+                               self.metrics.registry)
 
     async def chat_completions(self, body: dict) -> "dict | AsyncIterator[dict]":
         """Handle API: a `chat.completion` dict, or chunk dicts when `body["stream"]`."""
-        return await self.service.chat_completions(body)
+        return (await self.gateway.answer("chat", body, None)).result
 
     async def completions(self, body: dict) -> "dict | AsyncIterator[dict]":
         """Handle API: a `text_completion` dict, or chunk dicts when `body["stream"]`."""
-        return await self.service.completions(body)
+        return (await self.gateway.answer("completions", body, None)).result
 
     @api.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request) -> Response:
-        return await self._http(request, self.service.chat_completions)
+        return await self._http(request, "chat")
 
     @api.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
-        return await self._http(request, self.service.completions)
+        return await self._http(request, "completions")
 
     @api.get("/v1/models")
-    async def http_models(self) -> JSONResponse:
+    async def http_models(self, request: Request) -> Response:
+        if (refused := await self._refused(request)) is not None:
+            return refused
         return JSONResponse(models_list(self.service.models(), self.created))
 
     @api.get("/healthz")
@@ -126,19 +131,31 @@ class IngressDeployment:
         return JSONResponse({"ready": ready > 0, "replicas": ready}, status_code=status)
 
     @api.get("/metrics")
-    async def prometheus_metrics(self) -> Response:
+    async def prometheus_metrics(self, request: Request) -> Response:
+        if (refused := await self._refused(request)) is not None:
+            return refused
         stats = await self.router.stats.remote()
         return Response(self.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
-    async def _http(self, request: Request, handler) -> Response:
+    async def _refused(self, request: Request) -> Response | None:
+        """The 401/429 response for a caller the gateway refuses, else None."""
         try:
+            await self.gateway.authenticate(request.headers)
+        except APIError as err:
+            return _error_response(err)
+        return None
+
+    async def _http(self, request: Request, endpoint: str) -> Response:
+        try:
+            key = await self.gateway.authenticate(request.headers)
             body = await _read_json(request, self.config.max_request_bytes)
-            result = await handler(body)
+            answer: Answer = await self.gateway.answer(endpoint, body, key)
         except APIError as err:
             return _error_response(err)
         except Exception:
             logger.exception("request failed")
             return _error_response(APIError.server_error())
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(_sse(result), media_type="text/event-stream")
+        if isinstance(answer.result, dict):
+            return JSONResponse(answer.result, headers=answer.headers())
+        return StreamingResponse(_sse(answer.result), media_type="text/event-stream",
+                                 headers=answer.headers())

@@ -24,15 +24,19 @@ class _ResponseBuilder:
     def add(self, delta: RequestOutput, choice_offset: int = 0) -> None:
         """Take one engine delta (`choice_offset = prompt_index * n` for completions)."""
         for chunk in self.stream.on_delta(delta, choice_offset):
-            for piece in chunk["choices"]:
-                index = piece["index"]
-                if index not in self._choices:
-                    self._choices[index] = self._new_choice(index)
-                choice = self._choices[index]
-                self._merge(choice, piece)
-                if piece["finish_reason"] is not None:
-                    choice["finish_reason"] = piece["finish_reason"]
-                    choice["stop_reason"] = piece["stop_reason"]
+            self.add_chunk(chunk)
+
+    def add_chunk(self, chunk: dict) -> None:
+        """Merge one streamed chunk (as `on_delta` makes them) into the choices."""
+        for piece in chunk["choices"]:
+            index = piece["index"]
+            if index not in self._choices:
+                self._choices[index] = self._new_choice(index)
+            choice = self._choices[index]
+            self._merge(choice, piece)
+            if piece["finish_reason"] is not None:
+                choice["finish_reason"] = piece["finish_reason"]
+                choice["stop_reason"] = piece["stop_reason"]
 
     def response(self, prompt_tokens: int) -> dict:
         """The unary response; call once every choice has finished.

@@ -47,6 +47,7 @@ class _ChunkStream:
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.completion_tokens = 0
+        self.aborted = False  # some choice was cut off by the engine (never cached)
         self._texts = TokenTexts(tokenizer) if logprobs is not None else None
         self._opened: set[int] = set()
 
@@ -62,6 +63,7 @@ class _ChunkStream:
             if out.text or (out.token_ids and self._wants_logprobs(out)):
                 chunks.append(self._chunk(self._content(index, out)))
             if out.finish_reason is not None:
+                self.aborted = self.aborted or out.finish_reason == "abort"
                 chunks.append(self._chunk(self._closing(index, out)))
         return chunks
 

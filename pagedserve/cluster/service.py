@@ -18,7 +18,12 @@ from pagedserve.cluster.dispatch import Dispatcher, Job, merge_streams
 from pagedserve.cluster.metrics import IngressMetrics
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_prompts import completion_prompts, render_chat
-from pagedserve.cluster.openai_requests import parse_chat_request, parse_completion_request
+from pagedserve.cluster.openai_requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
 from pagedserve.cluster.openai_responses import ChatResponseBuilder, CompletionResponseBuilder
 from pagedserve.cluster.openai_sampling import to_sampling_params
 from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
@@ -55,6 +60,39 @@ def load_model_info(config: ClusterConfig) -> ModelInfo:
                      vocab_size=spec.vocab_size)
 
 
+@dataclass
+class Prepared:
+    """A validated, tokenized request, ready to be answered (generated, or from a cache).
+
+    `output` is the chunk stream (`stream: true`) or the response builder that generation
+    feeds; `output_args` are what built it: (request, request_id, model, created, tokenizer).
+    """
+
+    endpoint: str  # "chat" or "completions"
+    request: ChatCompletionRequest | CompletionRequest
+    jobs: list[Job]
+    output_args: tuple
+    output: ChatStream | CompletionStream | ChatResponseBuilder | CompletionResponseBuilder = None
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            chat = self.endpoint == "chat"
+            if self.request.stream:
+                kind = ChatStream if chat else CompletionStream
+            else:
+                kind = ChatResponseBuilder if chat else CompletionResponseBuilder
+            self.output = kind.for_request(*self.output_args)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return _prompt_tokens(self.jobs)
+
+    @property
+    def metric_endpoint(self) -> str:
+        """The `endpoint` tag of this request's metrics."""
+        return CHAT if self.endpoint == "chat" else COMPLETIONS
+
+
 class OpenAIService:
     """`chat_completions` / `completions`: a response dict, or an async iterator of chunks."""
 
@@ -66,18 +104,23 @@ class OpenAIService:
         self.metrics = metrics
 
     async def chat_completions(self, body: object) -> dict | AsyncIterator[dict]:
+        return await self.respond(self.prepare_chat(body))
+
+    async def completions(self, body: object) -> dict | AsyncIterator[dict]:
+        return await self.respond(self.prepare_completions(body))
+
+    def prepare_chat(self, body: object) -> Prepared:
+        """Validate and tokenize a chat request (APIError 400 on a bad one)."""
         with self._counting_errors(CHAT):
             request = parse_chat_request(body)
             self._check_model(request.model)
             prompt = render_chat(request, self.model.tokenizer)
             request_id = uuid.uuid4().hex
             jobs = [Job(request_id, prompt, self._params(request, prompt))]
-        args = (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
-        if request.stream:
-            return await self._stream(jobs, ChatStream.for_request(*args), CHAT)
-        return await self._unary(jobs, ChatResponseBuilder.for_request(*args), CHAT)
+        return Prepared("chat", request, jobs, self._output_args(request, request_id))
 
-    async def completions(self, body: object) -> dict | AsyncIterator[dict]:
+    def prepare_completions(self, body: object) -> Prepared:
+        """Validate and tokenize a completions request (APIError 400 on a bad one)."""
         with self._counting_errors(COMPLETIONS):
             request = parse_completion_request(body)
             self._check_model(request.model)
@@ -86,10 +129,17 @@ class OpenAIService:
             for i, prompt in enumerate(completion_prompts(request)):
                 token_ids = self._tokenize(prompt)
                 jobs.append(Job(f"{request_id}-{i}", token_ids, self._params(request, token_ids)))
-        args = (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
-        if request.stream:
-            return await self._stream(jobs, CompletionStream.for_request(*args), COMPLETIONS)
-        return await self._unary(jobs, CompletionResponseBuilder.for_request(*args), COMPLETIONS)
+        return Prepared("completions", request, jobs, self._output_args(request, request_id))
+
+    async def respond(self, prepared: Prepared) -> dict | AsyncIterator[dict]:
+        """Generate the answer: a response dict, or (`stream: true`) an iterator of chunks."""
+        endpoint = prepared.metric_endpoint
+        if prepared.request.stream:
+            return await self._stream(prepared.jobs, prepared.output, endpoint)
+        return await self._unary(prepared.jobs, prepared.output, endpoint)
+
+    def _output_args(self, request, request_id: str) -> tuple:
+        return (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
 
     def models(self) -> list[str]:
         return [self.model.name]

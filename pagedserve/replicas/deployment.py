@@ -61,7 +61,8 @@ class ReplicaDeployment:
         try:
             self.engine, self.weights_from = await start_engine(
                 self.config, router, timer, init_method, context.app_name,
-                [int(g) for g in ray.get_gpu_ids()])
+                [int(g) for g in ray.get_gpu_ids()],
+                self.ranks.stopped if self.ranks is not None else None)
         except BaseException:
             if self.ranks is not None:
                 self.ranks.kill()

@@ -27,9 +27,10 @@ STORE_WAIT_S = 600.0  # the first store on a node may still be reading a large m
 
 async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
                        init_method: str | None = None, app_name: str = "pagedserve",
-                       gpu_ids: list[int] | None = None) -> tuple[ProcessEngine, str]:
+                       gpu_ids: list[int] | None = None,
+                       rank_failure=None) -> tuple[ProcessEngine, str]:
     """The replica's engine: an adopted standby of its node, else a new process, with its
-    weights from the node's store when there is one.
+    weights from the node's store when there is one. `rank_failure`: see `ProcessEngine`.
 
     Returns the engine and where it came from: "standby_<mode>", "object_store" or "disk".
     """
@@ -47,7 +48,8 @@ async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
         engine = await loop.run_in_executor(None, functools.partial(
             ProcessEngine, config.engine, config.torch_threads,
             max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
-            shared_weights=shared, standby=standby, gpu_ids=gpu_ids))
+            shared_weights=shared, standby=standby, gpu_ids=gpu_ids,
+            rank_failure=rank_failure))
     finally:
         if shared is not None:
             shared.unlink()  # the engine copied the tensors out (or failed)

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Client
 
 from pagedserve.config import EngineConfig
@@ -33,9 +34,11 @@ class ProcessEngine(EngineFront):
     def __init__(self, config: EngineConfig, torch_threads: int | None = None,
                  max_deltas_per_s: float | None = None, init_method: str | None = None,
                  shared_weights=None, standby: dict | None = None,
-                 gpu_ids: list[int] | None = None) -> None:
+                 gpu_ids: list[int] | None = None,
+                 rank_failure: Callable[[], str | None] | None = None) -> None:
         """`max_deltas_per_s`: see `EngineFront`; `init_method`: where the other
-        tensor-parallel ranks wait for this engine (rank 0); `shared_weights`: a
+        tensor-parallel ranks wait for this engine (rank 0); `rank_failure`: says which of
+        those ranks died (else None), checked while the engine starts; `shared_weights`: a
         `SharedWeights` to load instead of the model's files; `standby`: a claimed standby
         engine process (`StandbyPool.claim`) to adopt instead of spawning one; `gpu_ids`:
         this replica's GPUs, which an adopted standby selects."""
@@ -57,7 +60,7 @@ class ProcessEngine(EngineFront):
         super().__init__(max_deltas_per_s)
         self._send_lock = threading.Lock()
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._stats, phases = self._wait_ready()
+        self._stats, phases = self._wait_ready(rank_failure)
         total = time.perf_counter() - started
         # What the engine did not time itself: spawning the process, pipes, unpickling. An
         # adopted standby's imports and preload happened before (reported, not counted here).
@@ -108,10 +111,14 @@ class ProcessEngine(EngineFront):
         with self._send_lock:
             self._conn.send(msg)
 
-    def _wait_ready(self) -> EngineStats:
-        """The engine's ready message; raises if it dies, fails or takes too long first."""
+    def _wait_ready(self, rank_failure: Callable[[], str | None] | None) -> EngineStats:
+        """The engine's ready message; raises if it (or a rank) dies, fails or takes too
+        long first."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._conn.poll(ALIVE_CHECK_S):
+            if rank_failure is not None and (failure := rank_failure()) is not None:
+                self._process.kill()  # rank 0 would wait at the rendezvous for the dead rank
+                raise RuntimeError(f"the engine could not start: {failure}")
             if not self._process.is_alive():
                 raise RuntimeError(f"the engine process exited while starting (exit code "
                                    f"{self._process.exitcode})")

@@ -8,12 +8,15 @@ starts them as child processes of the engine's process.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 
 import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
+from pagedserve.replicas.engine.spawn_main import without_parent_main
 from pagedserve.replicas.parallel.group import join_group, leave_group
 from pagedserve.replicas.parallel.layers import TensorParallel, check_tensor_parallel
 from pagedserve.replicas.parallel.rendezvous import rendezvous_address
@@ -25,6 +28,7 @@ def run_rank(config: dict, rank: int, init_method: str, device: str | None = Non
 
     Returns when rank 0 stops the group; raises if rank 0 (or any rank) goes away mid-step.
     """
+    _injected_start_fault(rank)
     from pagedserve.replicas.engine.llm_engine import resolve_device, resolve_dtype
     from pagedserve.replicas.engine.model_runner import ModelRunner
     from pagedserve.replicas.models.registry import resolve_model_dir
@@ -68,7 +72,9 @@ def join_as_rank0(config: EngineConfig, device: torch.device,
         if device.type == "cuda":
             device = torch.device("cuda", 0)
     try:
-        return join_group(init_method, 0, config.tensor_parallel_size, device), local
+        rank_failure = local.failure if local is not None else None
+        return join_group(init_method, 0, config.tensor_parallel_size, device,
+                          rank_failure), local
     except BaseException:
         if local is not None:
             local.stop()
@@ -86,17 +92,53 @@ class LocalRanks:
         self.init_method = rendezvous_address()
         threads = max(1, torch.get_num_threads() // size) if device.type == "cpu" else None
         ctx = multiprocessing.get_context("spawn")
-        self.processes = []
+        self.processes, self.errors = [], []
         for rank in range(1, size):
             rank_device = f"cuda:{rank}" if device.type == "cuda" else "cpu"
+            errors, child_errors = ctx.Pipe(duplex=False)
             process = ctx.Process(
-                target=run_rank, name=f"pagedserve-tp-rank{rank}", daemon=True,
-                args=(config.model_dump(), rank, self.init_method, rank_device, threads))
-            process.start()
+                target=_run_local_rank, name=f"pagedserve-tp-rank{rank}", daemon=True,
+                args=(child_errors, config.model_dump(), rank, self.init_method, rank_device,
+                      threads))
+            with without_parent_main():  # a script piped to `python -` cannot be re-run
+                process.start()
+            child_errors.close()
             self.processes.append(process)
+            self.errors.append(errors)
+
+    def failure(self) -> str | None:
+        """A description of the first rank that exited (its exit code and error), else None."""
+        for rank, (process, errors) in enumerate(zip(self.processes, self.errors, strict=True), start=1):
+            if process.is_alive():
+                continue
+            error = "it sent no error (see its output above)"
+            try:
+                if errors.poll():
+                    error = errors.recv()
+            except (EOFError, OSError):
+                pass
+            return f"tensor-parallel rank {rank} exited with code {process.exitcode}: {error}"
+        return None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for process in self.processes:
             process.join(timeout_s)
             if process.is_alive():
                 process.kill()
+
+
+def _run_local_rank(errors, *args) -> None:
+    """A local rank's process: `run_rank`, sending its error (if any) to the parent first."""
+    try:
+        run_rank(*args)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # the parent may be gone already
+            errors.send(f"{type(err).__name__}: {err}")
+        raise
+
+
+def _injected_start_fault(rank: int) -> None:
+    """Tests make one rank fail at start: PAGEDSERVE_TP_START_FAULT=<rank>."""
+    if os.environ.get("PAGEDSERVE_TP_START_FAULT") == str(rank):
+        raise RuntimeError(f"start-up fault injected into tensor-parallel rank {rank} "
+                           f"(PAGEDSERVE_TP_START_FAULT={rank})")

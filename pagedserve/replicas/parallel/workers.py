@@ -90,7 +90,7 @@ class RankWorkers:
         try:
             ray.get(ready[0])
         except Exception as err:
-            return f"tensor-parallel rank {rank} failed: {err!r}"
+            return _failed(rank, err)
         return f"tensor-parallel rank {rank} exited"
 
     def kill(self) -> None:
@@ -102,5 +102,13 @@ class RankWorkers:
         try:
             await ref
         except Exception as err:
-            return f"tensor-parallel rank {rank} failed: {err!r}"
+            return _failed(rank, err)
         return f"tensor-parallel rank {rank} exited"
+
+
+def _failed(rank: int, err: Exception) -> str:
+    """One line naming the rank and its error: the rank's own exception for a task error (not
+    Ray's traceback-laden wrapper), or how its actor died."""
+    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        err = err.cause
+    return f"tensor-parallel rank {rank} failed: {type(err).__name__}: {err}"

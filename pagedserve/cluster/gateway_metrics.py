@@ -1,33 +1,26 @@
 """Metrics of the gateway: response cache hits, misses, errors and bytes; auth rejections.
 
-Registered twice, as `cluster/metrics.py` does: through `ray.serve.metrics` (Ray dashboard and
-Ray's Prometheus export) and in the ingress's own registry (its `/metrics` route).
+Declared in `pagedserve.metric_list` and registered twice, as `cluster/metrics.py` does: through
+`ray.serve.metrics` (Ray dashboard and Ray's Prometheus export) and in the ingress's own
+registry (its `/metrics` route).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-from pagedserve.metric_list import serve_metric, spec
+from pagedserve.cluster.metrics import prometheus_mirror
+from pagedserve.metric_list import API_KEYS, METRICS, RESPONSE_CACHE, serve_metric
 
-# Their names, kinds, tags and help come from the metric list (and so does the dashboard).
-GATEWAY_METRICS = ("pagedserve_response_cache_hits", "pagedserve_response_cache_misses",
-                   "pagedserve_response_cache_errors", "pagedserve_response_cache_bytes",
-                   "pagedserve_auth_rejections")
-_PROM = {"counter": Counter, "gauge": Gauge}
+GATEWAY_METRICS = [m for m in METRICS if m.needs in (RESPONSE_CACHE, API_KEYS)]
 
 
 class GatewayMetrics:
     """One call per event; each updates both exports."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._prom = {}
-        self._serve = {}
-        for name in GATEWAY_METRICS:
-            metric = spec(name)
-            self._prom[name] = _PROM[metric.kind](name, metric.help, list(metric.tags),
-                                                  registry=registry)
-            self._serve[name] = serve_metric(name)
+        self._prom = {m.name: prometheus_mirror(m, registry) for m in GATEWAY_METRICS}
+        self._serve = {m.name: serve_metric(m.name) for m in GATEWAY_METRICS}
 
     def cache_hit(self, level: str) -> None:
         self._inc("pagedserve_response_cache_hits", level=level)

@@ -1,6 +1,7 @@
 """The metric list is the only place metrics are declared, and every recorder uses it."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,21 @@ def test_recorders_use_only_names_in_the_list():
         replica.record(EngineStats(1, 0, 10, 20, 0.5, 1, num_prefix_hit_tokens=16,
                                    num_prefix_queried_tokens=32, num_steps=steps,
                                    step_seconds=0.01 * steps))
+
+
+def test_gateway_sets_the_cache_size_again_while_it_does_not_change(monkeypatch):
+    """Ray's export drops a gauge a process stops setting; the size must keep being set."""
+    from prometheus_client import CollectorRegistry
+
+    from pagedserve.cluster import gateway_metrics
+
+    monkeypatch.setattr(gateway_metrics, "GAUGE_REFRESH_S", 0.05)
+    metrics = gateway_metrics.GatewayMetrics(CollectorRegistry())
+    sets = []
+    gauge = metrics._serve["pagedserve_response_cache_bytes"]
+    monkeypatch.setattr(gauge, "set", lambda value, tags=None: sets.append((value, tags)))
+    metrics.cache_bytes("l1", 123)
+    deadline = time.monotonic() + 5
+    while len(sets) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(sets) >= 4 and all(s == (123, {"level": "l1"}) for s in sets)

@@ -134,6 +134,19 @@ class WarmPrefixConfig(BaseModel):
     half_life_s: float = Field(default=300.0, gt=0)  # how fast old hits stop counting
 
 
+class RolloutConfig(BaseModel):
+    """A new model version rolled in beside the current one (see `cluster/rollout.py`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig  # the new version: other weights or settings
+    num_replicas: int = Field(default=1, ge=1)
+    canary_share: float = Field(default=0.05, gt=0, lt=1)  # of new requests, while judged
+    max_error_rate: float = Field(default=0.03, ge=0, lt=1)  # above it: rolled back
+    window_s: float = Field(default=300.0, gt=0)  # judged this long, then promoted
+    min_requests: int = Field(default=20, ge=1)  # canary requests needed for a decision
+
+
 CacheScope = Literal["key", "global"]
 
 
@@ -228,6 +241,7 @@ class ClusterConfig(BaseModel):
     weight_store: WeightStoreConfig | None = None  # None: replicas load weights from disk
     standby: StandbyConfig = Field(default_factory=StandbyConfig)
     warm_prefixes: WarmPrefixConfig = Field(default_factory=WarmPrefixConfig)
+    rollout: RolloutConfig | None = None  # None: one model version
     cache: CacheConfig = Field(default_factory=CacheConfig)
     auth: AuthConfig | None = None  # None: no API keys (every route open)
 

@@ -20,8 +20,9 @@ TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 PHASE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 KINDS = ("counter", "gauge", "histogram")
 # Features some metrics need configured before they have values (the gateway's).
-RESPONSE_CACHE, API_KEYS = "response_cache", "api_keys"
-FEATURES = {RESPONSE_CACHE: "the response cache (`cache:`)", API_KEYS: "an API key"}
+RESPONSE_CACHE, API_KEYS, ROLLOUT = "response_cache", "api_keys", "rollout"
+FEATURES = {RESPONSE_CACHE: "the response cache (`cache:`)", API_KEYS: "an API key",
+            ROLLOUT: "a rollout (`rollout:`)"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,11 @@ METRICS: tuple[Metric, ...] = (
        tags=("replica_id",)),
     _m("replicas", "gauge", "replicas of the model by state: serving, starting, draining, parked",
        "router", tags=("state",), on_http=True),
+    # router: a rollout of a new model version
+    _m("rollout_state", "gauge", "the new model version: 0 judged, 1 promoted, -1 rolled back",
+       "router", needs=ROLLOUT),
+    _m("rollout_requests", "counter", "requests of a rollout by model version and outcome",
+       "router", tags=("version", "outcome"), needs=ROLLOUT),
     # autoscaler
     _m("scale_events", "counter", "autoscaling decisions that changed the replica target, by "
        "direction (up/down) and reason", "autoscaler", tags=("direction", "reason")),

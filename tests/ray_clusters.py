@@ -28,6 +28,27 @@ def own_ray_cluster(num_cpus: int, **init_args) -> Iterator[None]:
         leave_ray_cluster()
 
 
+@contextlib.contextmanager
+def own_node_cluster(head_cpus: int = 0) -> Iterator[ray.cluster_utils.Cluster]:
+    """A fresh multi-node cluster on this machine (`ray.cluster_utils.Cluster`), its head only
+    at first; the caller adds (and removes) worker nodes. This driver is joined to it."""
+    if ray.is_initialized():
+        raise RuntimeError("this process is still the driver of another Ray cluster")
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": head_cpus, "include_dashboard": False})
+    try:
+        ray.init(address=nodes.address, logging_level="warning")
+        yield nodes
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        leave_ray_cluster()
+        nodes.shutdown()
+
+
 def _start_local_cluster(num_cpus: int, init_args: dict | None = None, attempts: int = 2) -> None:
     """`ray.init` of a new local cluster, tried again once if its raylet never registered.
 

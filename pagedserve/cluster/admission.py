@@ -42,6 +42,7 @@ class ReplicaReport:
     received_ids: list[str] = field(default_factory=list)  # admitted requests it now holds
     block_hashes: list[int] | None = None  # prefix blocks it caches; None: unchanged
     draining: bool = False
+    version: str = "stable"  # the model version it serves (a rollout runs two)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class AdmissionRequest:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full prompt blocks
     priority: int = 0  # lower is admitted first, as in vLLM
     exclude: frozenset[str] = frozenset()  # replicas that already failed this request
+    version: str | None = None  # only replicas of this model version (None: any)
 
 
 @dataclass
@@ -210,7 +212,7 @@ class AdmissionQueue:
         candidates = [
             (rid, s) for rid, s in self.replicas.items()
             if rid not in request.exclude and not self.parking.is_parked(rid)
-            and s.has_room(blocks, max_waiting)
+            and _serves(s, request) and s.has_room(blocks, max_waiting)
         ]
         if not candidates:
             return None
@@ -239,7 +241,8 @@ class AdmissionQueue:
         Replicas of a deployment share one configuration, so those reporting stand for any
         that start later; with none reporting yet, nothing is known and the request waits.
         """
-        states = [s for rid, s in self.replicas.items() if rid not in request.exclude]
+        states = [s for rid, s in self.replicas.items()
+                  if rid not in request.exclude and _serves(s, request)]
         blocks = self._blocks_needed(request)
         capacity = max((s.report.num_total_blocks for s in states), default=None)
         if capacity is None or blocks <= capacity:
@@ -271,3 +274,7 @@ class AdmissionQueue:
                    if now - res.since > self.config.stale_after_s]
             for rid in old:
                 del state.reserved[rid]
+
+
+def _serves(state: ReplicaState, request: AdmissionRequest) -> bool:
+    return request.version is None or state.report.version == request.version

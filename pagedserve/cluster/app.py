@@ -12,6 +12,7 @@ from ray.serve.config import RequestRouterConfig
 from pagedserve.autoscale.serve_policy import serve_autoscaling_config
 from pagedserve.cluster.ingress import IngressDeployment
 from pagedserve.cluster.pinned_router import PinnedRequestRouter
+from pagedserve.cluster.rollout import CANARY
 from pagedserve.cluster.router import RouterDeployment
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.deployment import ReplicaDeployment
@@ -21,6 +22,7 @@ APP_NAME = "pagedserve"
 INGRESS_MAX_ONGOING = 4096  # the ingress only waits on I/O
 EXTRA_REPLICA_CALLS = 16  # stats and health calls beside generation streams
 REPLICA_DEPLOYMENT = "Replica"
+CANARY_DEPLOYMENT = "ReplicaCanary"  # a rollout's new model version
 GRACEFUL_WAIT_LOOP_S = 0.5  # how often a stopping replica checks that its streams have ended
 PARKED_HOLD_S = 30.0  # a fixed-size deployment parks an extra un-parked replica after this
 
@@ -29,30 +31,40 @@ def build_app(args: dict | None = None) -> Application:
     """Validate `args` as a ClusterConfig (unknown keys are an error) and bind the app."""
     config = ClusterConfig(**(args or {}))
     as_dict = config.model_dump()
-    # Tensor parallelism: one placement group per replica, a bundle per rank, on one node.
-    bundles = placement_bundles(config)
-    group = {} if bundles is None else {"placement_group_bundles": bundles,
-                                        "placement_group_strategy": "STRICT_PACK"}
     router = serve.deployment(
         RouterDeployment, name="Router", num_replicas=1,
         max_ongoing_requests=config.router.max_queue_len + 1024,
         ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": False},  # capacity reports arrive every 50 ms
     ).bind(config.router.model_dump(), **_router_extras(config))
-    replicas = serve.deployment(
-        ReplicaDeployment, name=REPLICA_DEPLOYMENT,
-        **_replica_count_options(config),
+    replicas = _replica_deployment(config, REPLICA_DEPLOYMENT,
+                                   _replica_count_options(config)).bind(as_dict, router)
+    canary = None
+    if config.rollout is not None:  # the new version (same tokenizer), its own engine config
+        canary_config = config.model_copy(update={"engine": config.rollout.engine})
+        canary = _replica_deployment(
+            canary_config, CANARY_DEPLOYMENT, {"num_replicas": config.rollout.num_replicas},
+        ).bind(canary_config.model_dump(), router, CANARY)
+    return serve.deployment(
+        IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
+        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
+    ).bind(as_dict, router, replicas, canary)
+
+
+def _replica_deployment(config: ClusterConfig, name: str, count: dict):
+    # Tensor parallelism: one placement group per replica, a bundle per rank, on one node.
+    bundles = placement_bundles(config)
+    group = {} if bundles is None else {"placement_group_bundles": bundles,
+                                        "placement_group_strategy": "STRICT_PACK"}
+    return serve.deployment(
+        ReplicaDeployment, name=name, **count,
         max_ongoing_requests=(config.engine.max_num_seqs + config.router.max_waiting_per_replica
                               + EXTRA_REPLICA_CALLS),
         ray_actor_options={"num_cpus": config.replica_num_cpus,
                            "num_gpus": config.replica_num_gpus},
         request_router_config=RequestRouterConfig(request_router_class=PinnedRequestRouter),
         **group,
-    ).bind(as_dict, router)
-    return serve.deployment(
-        IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
-        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
-    ).bind(as_dict, router, replicas)
+    )
 
 
 def _replica_count_options(config: ClusterConfig) -> dict:
@@ -73,6 +85,9 @@ def _router_extras(config: ClusterConfig) -> dict:
     """What the router needs beyond admission: whom to drain, which replicas to park, which
     prefixes to count, and each node's services (weight store, standby engines)."""
     extras: dict = {"warm_prefixes": config.warm_prefixes.model_dump()}
+    if config.rollout is not None:
+        extras["rollout"] = config.rollout.model_dump(
+            include={"canary_share", "max_error_rate", "window_s", "min_requests"})
     autoscale = config.autoscaling
     if autoscale is not None:
         extras["replica_deployment"] = REPLICA_DEPLOYMENT

@@ -20,6 +20,8 @@ from ray.serve import context as serve_context
 
 from pagedserve.cluster.admission import PromptTooLargeError, QueueFullError
 from pagedserve.cluster.openai_errors import APIError
+from pagedserve.cluster.rollout import CANARY
+from pagedserve.cluster.router_calls import call_router, tell_router
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import prompt_block_hashes
 from pagedserve.replicas.engine.engine_front import EngineDeadError
@@ -48,12 +50,16 @@ class Dispatcher:
     """Admits jobs through the router actor and streams their deltas from the chosen replica."""
 
     def __init__(self, router, replicas, block_size: int, retry_after_s: int,
-                 hot_prefix_tokens: int = 0) -> None:
+                 hot_prefix_tokens: int = 0, canary_replicas=None) -> None:
         """`hot_prefix_tokens`: how many leading prompt tokens the router gets with each
-        request, to count hot prefixes that new replicas prefill (0: none)."""
+        request, to count hot prefixes that new replicas prefill (0: none).
+        `canary_replicas`: the handle of a new model version's replicas, when a rollout runs:
+        the router then picks the version of each request and hears how it ended."""
         self.router = router
         self.hot_prefix_tokens = hot_prefix_tokens
         self.replicas = replicas.options(stream=True)
+        self.canary_replicas = (canary_replicas.options(stream=True)
+                                if canary_replicas is not None else None)
         self._wake_handle = replicas
         self.block_size = block_size
         self.retry_after_s = retry_after_s
@@ -62,17 +68,20 @@ class Dispatcher:
         """Yield the job's deltas; re-route it if its replica dies before the first one."""
         failed: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            replica_id = await self._admit(job, failed)
+            replica_id, version = await self._admit_versioned(job, failed)
             started = False
             try:
-                async for delta in self._call(job, replica_id, attempt):
+                async for delta in self._judged(version, self._call(job, replica_id, attempt,
+                                                                    version)):
                     started = True
                     yield delta
                 return
             except _REPLICA_GONE as err:
-                await self.router.replica_failed.remote(replica_id)
+                await tell_router(self.router.replica_failed, replica_id)
                 if started:  # its client saw part of an answer: report, don't retry
-                    raise
+                    raise APIError(503, f"the replica running this request failed after it "
+                                   f"started: {_cause_message(err)}", "service_unavailable",
+                                   None, "replica_failed") from err
                 logger.warning("replica %s died before %s started: %r; re-routing",
                                replica_id, job.request_id, err)
                 failed.add(replica_id)
@@ -80,6 +89,10 @@ class Dispatcher:
                        "service_unavailable", None, "replica_failed")
 
     async def _admit(self, job: Job, failed: set[str]) -> str:
+        return (await self._admit_versioned(job, failed))[0]
+
+    async def _admit_versioned(self, job: Job, failed: set[str]) -> tuple[str, str | None]:
+        """The replica that runs `job`, and its model version while a rollout runs."""
         request = {
             "request_id": job.request_id,
             "num_prompt_tokens": len(job.prompt_token_ids),
@@ -89,7 +102,7 @@ class Dispatcher:
         }
         if self.hot_prefix_tokens and not failed:  # count each request once
             request["prefix_tokens"] = job.prompt_token_ids[:self.hot_prefix_tokens]
-        admission = asyncio.ensure_future(self._admit_call(request))
+        admission = asyncio.ensure_future(self._admit_call(request))  # (replica, version)
         try:
             done, _ = await asyncio.wait({admission}, timeout=WAKE_AFTER_S)
             if not done:
@@ -102,8 +115,36 @@ class Dispatcher:
         finally:
             admission.cancel()  # no-op once done; else the client left: leave the queue
 
-    async def _admit_call(self, request: dict) -> str:
-        return await self.router.admit.remote(request)
+    async def _admit_call(self, request: dict) -> tuple[str, str | None]:
+        if self.canary_replicas is None:
+            return await call_router(self.router.admit, request), None
+        replica_id, version = await call_router(self.router.admit_versioned, request)
+        return replica_id, version
+
+    async def _judged(self, version: str | None,
+                      deltas: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """`deltas`, telling the router how the request ended when a rollout judges `version`:
+        a server-side failure counts against it; a client leaving, or its bad input, does not."""
+        if version is None:
+            async for delta in deltas:
+                yield delta
+            return
+        started, ttft_s = time.monotonic(), None
+        try:
+            async for delta in deltas:
+                if ttft_s is None:
+                    ttft_s = time.monotonic() - started
+                yield delta
+        except (GeneratorExit, asyncio.CancelledError):
+            raise
+        except APIError as err:
+            if err.status >= 500:
+                await tell_router(self.router.record_outcome, version, False, ttft_s)
+            raise
+        except Exception:
+            await tell_router(self.router.record_outcome, version, False, ttft_s)
+            raise
+        await tell_router(self.router.record_outcome, version, True, ttft_s)
 
     async def _wake_if_no_replica(self) -> None:
         """With `min_replicas: 0` the deployment may have no replica: the request waits in the
@@ -118,10 +159,12 @@ class Dispatcher:
             logger.warning("waited %.2f s for a replica to start (scaled to zero)",
                            time.monotonic() - started)
 
-    async def _call(self, job: Job, replica_id: str, attempt: int) -> AsyncIterator[RequestOutput]:
+    async def _call(self, job: Job, replica_id: str, attempt: int,
+                    version: str | None = None) -> AsyncIterator[RequestOutput]:
         engine_request_id = job.request_id if attempt == 0 else f"{job.request_id}-retry{attempt}"
+        replicas = self.canary_replicas if version == CANARY else self.replicas
         with own_serve_request():
-            stream = self.replicas.generate.remote(
+            stream = replicas.generate.remote(
                 job.prompt_token_ids, job.params, engine_request_id, target_replica=replica_id)
         delivered = completed = False
         try:
@@ -133,7 +176,8 @@ class Dispatcher:
             if not completed:  # the client left or the call failed: stop the replica's work
                 stream.cancel()
             if not delivered:
-                await asyncio.shield(self.router.release.remote(replica_id, job.request_id))
+                await asyncio.shield(tell_router(self.router.release, replica_id,
+                                                 job.request_id))
 
 
 def _cause_message(err: Exception) -> str:

@@ -84,7 +84,7 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 class IngressDeployment:
     """Validates and tokenizes requests, admits them through the router, streams the replies."""
 
-    def __init__(self, config: dict, router, replicas) -> None:
+    def __init__(self, config: dict, router, replicas, canary_replicas=None) -> None:
         self.config = ClusterConfig(**config)
         self.router = router
         self.metrics = IngressMetrics()
@@ -92,7 +92,7 @@ class IngressDeployment:
         warm = self.config.warm_prefixes
         dispatcher = Dispatcher(router, replicas, self.config.engine.block_size,
                                 self.config.router.retry_after_s,
-                                warm.max_tokens if warm.top_k > 0 else 0)
+                                warm.max_tokens if warm.top_k > 0 else 0, canary_replicas)
         self.service = OpenAIService(self.config, load_model_info(self.config), dispatcher,
                                      self.metrics)
         self.gateway = Gateway(self.config, self.service, served_model_id(self.config),

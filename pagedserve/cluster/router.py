@@ -24,6 +24,7 @@ from pagedserve.cluster.admission import (
 from pagedserve.cluster.hot_prefixes import HotPrefixes
 from pagedserve.cluster.membership import STOPPING_STATES, watch_membership
 from pagedserve.cluster.parking import Parking
+from pagedserve.cluster.rollout_watch import RolloutWatch
 from pagedserve.cluster.router_metrics import RouterMetrics
 from pagedserve.config import RouterConfig, WarmPrefixConfig
 from pagedserve.replicas.node.services import NodeServices
@@ -40,11 +41,14 @@ class RouterDeployment:
 
     def __init__(self, config: dict | None = None, replica_deployment: str | None = None,
                  membership_poll_s: float = 0.5, node_services: dict | None = None,
-                 parking: dict | None = None, warm_prefixes: dict | None = None) -> None:
+                 parking: dict | None = None, warm_prefixes: dict | None = None,
+                 rollout: dict | None = None) -> None:
         """`replica_deployment`: watch that deployment's replicas and drain the ones Serve stops.
         `node_services`: `NodeServices` arguments (weight store, standby pool): this node's
         start now, before any scale-up. `parking`: `Parking` arguments (parked replicas).
-        `warm_prefixes`: a `WarmPrefixConfig` dict (hot prefixes new replicas prefill)."""
+        `warm_prefixes`: a `WarmPrefixConfig` dict (hot prefixes new replicas prefill).
+        `rollout`: `Rollout` arguments: a new model version takes a canary share (see
+        `admit_versioned`)."""
         self.config = RouterConfig(**(config or {}))
         self.parking = Parking(clock=time.monotonic, **(parking or {"parked": 0,
                                                                    "serving_target": 0,
@@ -61,6 +65,7 @@ class RouterDeployment:
         self._watched = replica_deployment
         self._membership_poll_s = membership_poll_s
         self._watcher: asyncio.Task | None = None
+        self.rollout = RolloutWatch(rollout) if rollout is not None else None
         self._services = None
         if node_services is not None:
             self._services = NodeServices(serve.get_replica_context().app_name, **node_services)
@@ -73,6 +78,23 @@ class RouterDeployment:
         ever hold the prompt. Cancelling the call (the client left) removes the request from
         the queue.
         """
+        return (await self.admit_versioned(request))[0]
+
+    async def admit_versioned(self, request: dict) -> tuple[str, str | None]:
+        """`admit`, and the model version of the chosen replica: with a rollout running, the
+        rollout picks the version of each new request (None without one)."""
+        version = None
+        if self.rollout is not None:
+            version = self.rollout.version_for_new_request(self.queue.replicas.values())
+            request = {**request, "version": version}
+        return await self._admit(request), version
+
+    def record_outcome(self, version: str, ok: bool, ttft_s: float | None = None) -> None:
+        """How a request sent to `version` ended (the ingress tells): judges the rollout."""
+        if self.rollout is not None:
+            self.rollout.record(version, ok, ttft_s)
+
+    async def _admit(self, request: dict) -> str:
         self._ensure_expiry()
         prefix_tokens = request.pop("prefix_tokens", None)
         if prefix_tokens:
@@ -153,6 +175,7 @@ class RouterDeployment:
             "replicas_by_state": self._metrics.by_state,
             "num_unparked": self.parking.num_unparked,
             "num_hot_prefixes": len(self.hot),
+            "rollout": self.rollout.summary() if self.rollout is not None else None,
         }
 
     def num_ready_replicas(self) -> int:

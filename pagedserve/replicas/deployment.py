@@ -43,10 +43,15 @@ _IMPORTED_AT = time.perf_counter()
 class ReplicaDeployment:
     """One engine behind Serve; `generate` yields `RequestOutput` deltas."""
 
-    async def __init__(self, config: dict, router=None) -> None:
+    version = "stable"  # the model version it serves (see `__init__`)
+
+    async def __init__(self, config: dict, router=None, version: str = "stable") -> None:
+        """`version`: the model version this replica serves, as the router knows it (a
+        rollout runs a "canary" deployment beside the "stable" one)."""
         timer = PhaseTimer()
         timer.add("replica_imports", time.perf_counter() - _IMPORTED_AT)  # at most once per actor
         self.config = ClusterConfig(**config)
+        self.version = version
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         # Parked until the router says otherwise, when the deployment keeps parked replicas.
@@ -248,6 +253,7 @@ class ReplicaDeployment:
             "received_ids": received,
             "block_hashes": hashes,
             "draining": self.draining,
+            "version": self.version,
         }
         try:
             view = await self.router.report.remote(report)

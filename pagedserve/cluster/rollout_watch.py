@@ -1,0 +1,44 @@
+"""The router's side of a rollout: the pure `Rollout` plus its log line and metrics.
+
+The decision is logged once (Serve's logger, so it reaches the router's log file) and
+exported as `pagedserve_rollout_state` (0 judging, 1 promoted, -1 rolled back) and
+`pagedserve_rollout_requests` by version and outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from pagedserve.cluster.rollout import CANARY, Rollout
+from pagedserve.metric_list import serve_metric
+
+logger = logging.getLogger("ray.serve")
+
+STATE_VALUES = {"canary": 0.0, "promoted": 1.0, "rolled_back": -1.0}
+
+
+class RolloutWatch:
+    """Chooses versions for new requests and records their outcomes, for the router."""
+
+    def __init__(self, rollout: dict) -> None:
+        self.rollout = Rollout(clock=time.monotonic, **rollout)
+        self._state = serve_metric("rollout_state")
+        self._requests = serve_metric("rollout_requests")
+        self._state.set(0.0)
+
+    def version_for_new_request(self, replicas: Iterable) -> str:
+        """`replicas`: the router's `ReplicaState`s (is a canary replica ready?)."""
+        ready = any(s.report.version == CANARY and not s.report.draining for s in replicas)
+        return self.rollout.version_for_new_request(ready)
+
+    def record(self, version: str, ok: bool, ttft_s: float | None) -> None:
+        self._requests.inc(tags={"version": version, "outcome": "ok" if ok else "error"})
+        decision = self.rollout.record(version, ok, ttft_s)
+        if decision is not None:
+            self._state.set(STATE_VALUES[decision])
+            logger.warning("rollout %s: %s", decision, self.rollout.summary())
+
+    def summary(self) -> dict:
+        return self.rollout.summary()

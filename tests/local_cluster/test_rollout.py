@@ -1,0 +1,106 @@
+"""Rolling a second model version in at a 20 % canary share, under load, on a real local Ray
+cluster and Serve (handles only, no HTTP port).
+
+- healthy: the new version (other weights: another seed) is promoted after `window_s`; from
+  then on every request goes to it, the old replica drains, and no request failed.
+- failing: the new version's config breaks its requests (a context window shorter than the
+  prompts); it is rolled back within `window_s` and the old version serves everything again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from fault_load import Load
+from ray import serve
+from ray_clusters import own_ray_cluster
+
+from pagedserve.cluster.app import build_app
+
+pytestmark = pytest.mark.slow
+
+BODY = {"model": "tiny", "prompt": "w5 w6 w7 w8 w9", "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True}
+WINDOW_S = 8.0
+CONCURRENCY = 3
+ROLLOUT = {"canary_share": 0.2, "max_error_rate": 0.03, "window_s": WINDOW_S, "min_requests": 5}
+
+
+def _engine(model, **extra) -> dict:
+    return {"model": str(model), "device": "cpu", "dtype": "float32", "num_kvcache_blocks": 64,
+            "max_num_seqs": 4, **extra}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with own_ray_cluster(num_cpus=4):
+        serve.start(proxy_location="Disabled")
+        yield
+
+
+def _deploy(name: str, stable: dict, canary: dict) -> None:
+    args = {"engine": stable, "served_model_name": "tiny", "replica_num_cpus": 1,
+            "torch_threads": 1, "rollout": {"engine": canary, **ROLLOUT}}
+    serve.run(build_app(args), name=name, route_prefix=None)
+
+
+def _rollout_state(name: str) -> dict:
+    return serve.get_deployment_handle("Router", name).stats.remote().result()["rollout"]
+
+
+async def _run_until_decided(name: str, seconds_after: float) -> tuple[Load, float, dict]:
+    """Load until the rollout decides, then `seconds_after` more; returns the load, when the
+    decision was seen and the rollout's counts then."""
+    load = Load(serve.get_app_handle(name), BODY, concurrency=CONCURRENCY)
+    stop = asyncio.Event()
+    running = asyncio.create_task(load.run(stop))
+    deadline = time.monotonic() + 4 * WINDOW_S + 60
+    while (at_decision := await asyncio.to_thread(_rollout_state, name))["state"] == "canary":
+        assert time.monotonic() < deadline, "the rollout never decided"
+        await asyncio.sleep(0.2)
+    decided_at = time.monotonic()
+    await asyncio.sleep(seconds_after)
+    stop.set()
+    await asyncio.wait_for(running, 120)
+    return load, decided_at, at_decision
+
+
+def test_healthy_version_is_promoted_and_the_old_one_drains(cluster, tiny_model_factory):
+    model = tiny_model_factory("llama-gqa-tied")
+    other_weights = tiny_model_factory("llama-gqa-tied-long")  # same tokenizer, other weights
+    _deploy("rollout-healthy", _engine(model), _engine(other_weights))
+    load, _, at_decision = asyncio.run(_run_until_decided("rollout-healthy", seconds_after=4))
+    rollout = _rollout_state("rollout-healthy")
+    assert rollout["state"] == "promoted", rollout
+    assert rollout["decided_after_s"] >= WINDOW_S
+    counts = load.counts()
+    assert counts["sent"] > 0 and counts["succeeded"] == counts["sent"], (counts, load.failed())
+    # While judged, a fifth of the requests went to the new version.
+    judged = at_decision["stable"]["requests"] + at_decision["canary"]["requests"]
+    assert abs(at_decision["canary"]["requests"] / judged - 0.2) < 0.07, at_decision
+    # Then the old one drained: it only finished what it had running at the decision.
+    assert rollout["stable"]["requests"] - at_decision["stable"]["requests"] <= CONCURRENCY
+    assert rollout["canary"]["requests"] > at_decision["canary"]["requests"] + CONCURRENCY
+    router = serve.get_deployment_handle("Router", "rollout-healthy").stats.remote().result()
+    assert all(r["num_running"] == 0 for r in router["replicas"].values()), router
+    serve.delete("rollout-healthy")
+
+
+def test_failing_version_is_rolled_back_within_the_window(cluster, tiny_model_factory):
+    model = tiny_model_factory("llama-gqa-tied")
+    # Its context window is shorter than the prompts: every request it gets fails.
+    _deploy("rollout-failing", _engine(model), _engine(model, max_model_len=4))
+    load, decided_at, _ = asyncio.run(_run_until_decided("rollout-failing", seconds_after=4))
+    rollout = _rollout_state("rollout-failing")
+    assert rollout["state"] == "rolled_back", rollout
+    assert rollout["decided_after_s"] < WINDOW_S, rollout
+    assert rollout["canary"]["errors"] >= ROLLOUT["min_requests"]
+    # Only the new version's requests failed, all before the decision; after it, the old
+    # version serves everything.
+    assert all(o.ended_at <= decided_at + 1.0 for o in load.failed())
+    after = load.counts(since=decided_at + 1.0)
+    assert after["sent"] > 0 and after["succeeded"] == after["sent"], after
+    assert len(load.failed()) == rollout["canary"]["errors"], (rollout, load.counts())
+    serve.delete("rollout-failing")

@@ -95,7 +95,7 @@ class Gateway:
             found = await self.cache.get(ckey)
             stored = _decode(found[0]) if found is not None else None
             if stored is not None:
-                self.service.metrics.count_request(200, endpoint=prepared.metric_endpoint)
+                self.service.metrics.count_request(200, endpoint=prepared.endpoint)
                 return Answer(self._replay(prepared, stored), "hit", found[1])
         result = await self._generate(prepared, key)
         if isinstance(result, dict):

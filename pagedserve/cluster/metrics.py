@@ -19,7 +19,8 @@ _REPLICA_FIELDS = {"replica_running": "num_running", "replica_waiting": "num_wai
                    "replica_free_blocks": "num_free_blocks", "replica_kv_usage": "kv_usage"}
 
 
-def _prometheus(metric: Metric, registry: CollectorRegistry):
+def prometheus_mirror(metric: Metric, registry: CollectorRegistry):
+    """The prometheus_client twin of a list metric, for the ingress's `/metrics`."""
     labels = list(metric.tags) + (["replica"] if metric.source == "replica" else [])
     kwargs = {"buckets": metric.boundaries} if metric.kind == "histogram" else {}
     return _PROM_KINDS[metric.kind](metric.name, metric.help, labels, registry=registry, **kwargs)
@@ -30,8 +31,9 @@ class IngressMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._prom = {m.name.removeprefix("pagedserve_"): _prometheus(m, self.registry)
-                      for m in METRICS if m.on_http}
+        # The gateway's metrics are its own (`gateway_metrics.py`), in the same registry.
+        self._prom = {m.name.removeprefix("pagedserve_"): prometheus_mirror(m, self.registry)
+                      for m in METRICS if m.on_http and m.needs is None}
         self._serve = serve_metrics_for("ingress")
 
     def observe(self, key: str, seconds: float) -> None:

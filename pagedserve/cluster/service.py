@@ -32,7 +32,7 @@ from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.replicas.models.registry import load_tokenizer, resolve_model_dir
 from pagedserve.replicas.models.spec import load_model_spec
 
-CHAT, COMPLETIONS = "chat_completions", "completions"  # the `endpoint` tag of request metrics
+CHAT, COMPLETIONS = "chat", "completions"  # the `endpoint` tag of request metrics
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Prepared:
     feeds; `output_args` are what built it: (request, request_id, model, created, tokenizer).
     """
 
-    endpoint: str  # "chat" or "completions"
+    endpoint: str  # CHAT or COMPLETIONS (also the `endpoint` tag of its metrics)
     request: ChatCompletionRequest | CompletionRequest
     jobs: list[Job]
     output_args: tuple
@@ -76,7 +76,7 @@ class Prepared:
 
     def __post_init__(self) -> None:
         if self.output is None:
-            chat = self.endpoint == "chat"
+            chat = self.endpoint == CHAT
             if self.request.stream:
                 kind = ChatStream if chat else CompletionStream
             else:
@@ -86,11 +86,6 @@ class Prepared:
     @property
     def prompt_tokens(self) -> int:
         return _prompt_tokens(self.jobs)
-
-    @property
-    def metric_endpoint(self) -> str:
-        """The `endpoint` tag of this request's metrics."""
-        return CHAT if self.endpoint == "chat" else COMPLETIONS
 
 
 class OpenAIService:
@@ -117,7 +112,7 @@ class OpenAIService:
             prompt = render_chat(request, self.model.tokenizer)
             request_id = uuid.uuid4().hex
             jobs = [Job(request_id, prompt, self._params(request, prompt))]
-        return Prepared("chat", request, jobs, self._output_args(request, request_id))
+        return Prepared(CHAT, request, jobs, self._output_args(request, request_id))
 
     def prepare_completions(self, body: object) -> Prepared:
         """Validate and tokenize a completions request (APIError 400 on a bad one)."""
@@ -129,11 +124,11 @@ class OpenAIService:
             for i, prompt in enumerate(completion_prompts(request)):
                 token_ids = self._tokenize(prompt)
                 jobs.append(Job(f"{request_id}-{i}", token_ids, self._params(request, token_ids)))
-        return Prepared("completions", request, jobs, self._output_args(request, request_id))
+        return Prepared(COMPLETIONS, request, jobs, self._output_args(request, request_id))
 
     async def respond(self, prepared: Prepared) -> dict | AsyncIterator[dict]:
         """Generate the answer: a response dict, or (`stream: true`) an iterator of chunks."""
-        endpoint = prepared.metric_endpoint
+        endpoint = prepared.endpoint
         if prepared.request.stream:
             return await self._stream(prepared.jobs, prepared.output, endpoint)
         return await self._unary(prepared.jobs, prepared.output, endpoint)

@@ -151,3 +151,32 @@ def test_a_redis_that_never_answers_falls_back_within_the_timeout():
         start = time.monotonic()
         ok, _ = _admitted(limiter, _key("slow", requests_per_min=5), 2)
         assert ok == 2 and time.monotonic() - start < 0.5
+
+
+def test_request_leases_save_round_trips_and_never_overshoot(redis_server):
+    key = _key(f"leased-{time.monotonic_ns()}", requests_per_min=200)  # leases of 4
+    limiters = [RateLimiter(redis_server.url), RateLimiter(redis_server.url)]
+    calls = []
+    for limiter in limiters:
+        script = limiter._script
+
+        def counted(*args, script=script, **kwargs):
+            calls.append(1)
+            return script(*args, **kwargs)
+
+        limiter._script = counted
+
+    async def run():
+        ok = 0
+        for i in range(300):
+            try:
+                await limiters[i % 2].admit(key)
+                ok += 1
+            except APIError:
+                pass
+        return ok
+
+    ok = asyncio.run(run())
+    assert 200 <= ok <= 203  # the budget, plus what refills while this runs (3.3 per s)
+    refused = 300 - ok  # each refusal asked Redis
+    assert len(calls) - refused <= ok / 4 + 2  # one Redis call per lease of 4 admissions

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
               "workload": {"prompts_per_kind": args.prompts, "repeats": args.repeats,
                            "max_tokens": args.max_tokens, "temperature": 0},
               **measured}
-    out = args.out or common.default_out("cache", "cpu")
+    out = common.default_out("cache", "cpu", args.out)
     bars = {r["requests"]: r["e2e_p50"] for r in rows}
     common.write_results(result, out, bars, "end-to-end p50 (ms)")
     print(f"wrote {out}")

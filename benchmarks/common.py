@@ -119,8 +119,13 @@ def environment(device: str) -> dict:
     }
 
 
-def default_out(name: str, device: str) -> Path:
-    return RESULTS_DIR / f"{name}-{device}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+def default_out(name: str, device: str, out: Path | None = None) -> Path:
+    """The results file: `out` if it names a file, else a dated name in `out` (a directory)
+    or in `benchmarks/results/`. Resolved before the run, so a long run never fails at the end."""
+    dated = f"{name}-{device}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    if out is None:
+        return RESULTS_DIR / dated
+    return out / dated if out.is_dir() else out
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -306,9 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = common.default_out("scaleup", args.device, args.out)  # before the run, not after
     result = run(args)
     print_table(result["summary"])
-    out = args.out or common.default_out("scaleup", args.device)
     bars = {s: v["decision_to_first_token_s"] for s, v in result["summary"].items()
             if "decision_to_first_token_s" in v}
     common.write_results(result, out, bars=bars, ylabel="decision to first token (s)")

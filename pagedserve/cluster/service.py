@@ -29,8 +29,7 @@ from pagedserve.cluster.openai_sampling import to_sampling_params
 from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
-from pagedserve.replicas.models.registry import load_tokenizer, resolve_model_dir
-from pagedserve.replicas.models.spec import load_model_spec
+from pagedserve.replicas.models.model_files import load_model_files
 
 CHAT, COMPLETIONS = "chat", "completions"  # the `endpoint` tag of request metrics
 
@@ -47,16 +46,16 @@ class ModelInfo:
 
 def load_model_info(config: ClusterConfig) -> ModelInfo:
     """Tokenizer and limits of the served model, read without loading its weights."""
-    model_dir = resolve_model_dir(config.engine.model, progress=False)
-    spec = load_model_spec(model_dir)
+    files = load_model_files(config.engine.model, progress=False)
+    spec = files.spec
     limits = [spec.max_position_embeddings]
     if spec.sliding_window is not None:
         limits.append(spec.sliding_window)
     if config.engine.max_model_len is not None:
         limits.append(config.engine.max_model_len)
     name = config.served_model_name or (
-        DEFAULT_MODEL_NAME if config.engine.model is None else model_dir.name)
-    return ModelInfo(name=name, tokenizer=load_tokenizer(model_dir), max_model_len=min(limits),
+        DEFAULT_MODEL_NAME if config.engine.model is None else files.model_dir.name)
+    return ModelInfo(name=name, tokenizer=files.tokenizer, max_model_len=min(limits),
                      vocab_size=spec.vocab_size)
 
 

@@ -84,14 +84,14 @@ def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict:
 
     engine_config = EngineConfig(**config)
     device = resolve_device(engine_config.device)
-    if mode == "device" and (device.type == "cpu" or engine_config.num_kvcache_blocks is not None):
-        return {"engine": _warm_engine(engine_config, device, gpu, torch)}
-    files = load_model_files(engine_config.model, progress=False)
-    if mode == "imported":
-        return {"files": files}
     if device.type == "cuda" and gpu is not None:
         torch.cuda.set_device(gpu)  # the engine's allocations and graphs go to this GPU
         device = torch.device("cuda", gpu)
+    if mode == "device" and (device.type == "cpu" or engine_config.num_kvcache_blocks is not None):
+        return {"engine": _warm_engine(engine_config)}
+    files = load_model_files(engine_config.model, progress=False)
+    if mode == "imported":
+        return {"files": files}
     dtype = resolve_dtype(engine_config.dtype, device)
     if mode == "host":
         pin = device.type == "cuda"
@@ -103,13 +103,11 @@ def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict:
                                                 progress=False)}
 
 
-def _warm_engine(config, device, gpu: int | None, torch):
+def _warm_engine(config):
     """The whole engine, with one short greedy generation run (kernels and caches warm)."""
     from pagedserve.replicas.engine.llm_engine import LLMEngine
     from pagedserve.sampling_params import SamplingParams
 
-    if device.type == "cuda" and gpu is not None:
-        torch.cuda.set_device(gpu)
     engine = LLMEngine(config, progress=False)
     engine.add_request("standby-warmup", [1, 2, 3, 4],
                        SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))

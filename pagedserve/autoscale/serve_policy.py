@@ -61,15 +61,19 @@ class ReplicaAutoscalingPolicy:
 def signals_from_context(ctx, running_per_replica: int, parked: int = 0,
                          serving_target: int | None = None) -> Signals:
     """Collapse Serve's per-replica metrics into the policy's `Signals`, counting only the
-    serving replicas (a replica whose parked flag averaged over half is parked). The previous
+    serving replicas (a replica whose parked flag averaged over half is parked; with parked
+    replicas configured, one that has sent no metrics yet is not counted as serving, or a
+    new deployment's parked replica would ratchet the serving target up). The previous
     serving target is at least the serving count: a replica the router un-parked stays."""
     metrics = ctx.aggregated_metrics or {}
 
     def per_replica(name: str) -> list[float]:
         return [float(v) for v in (metrics.get(name) or {}).values()]
 
-    num_parked = sum(1 for v in per_replica(PARKED) if v >= 0.5) if parked else 0
-    serving = max(0, int(ctx.current_num_replicas) - num_parked)
+    if parked:  # a replica serves once it says so: one without metrics yet is still starting
+        serving = sum(1 for v in per_replica(PARKED) if v < 0.5)
+    else:
+        serving = int(ctx.current_num_replicas)
     previous = (serving_target if serving_target is not None
                 else max(0, int(ctx.target_num_replicas) - parked))
 

@@ -65,3 +65,13 @@ def test_parked_replicas_are_added_to_serve_target_and_not_counted_as_serving():
     busy = per_replica(num_running=[8.0, 8.0], kv_usage=[0.5, 0.5], parked=[0.0, 0.0])
     target, state = policy(context(2, 2, busy, state=state))
     assert target == 3 and state["pagedserve"]["serving_target"] == 2
+
+
+def test_a_replica_without_metrics_yet_does_not_count_as_serving():
+    """At a deployment's start only some replicas have sent metrics: the silent one may be the
+    parked one, and counting it as serving would raise the serving target for good."""
+    args = {**shipped_args("autoscale.yaml"), "standby": {"parked": 1}}
+    policy, _ = policy_from(args)
+    one_reporting = per_replica(num_running=[0.0], kv_usage=[0.0], parked=[0.0])
+    target, state = policy(context(2, 2, one_reporting))
+    assert target == 2 and state["pagedserve"]["serving_target"] == 1

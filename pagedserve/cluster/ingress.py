@@ -9,6 +9,7 @@ Python callers use the same logic through `serve.get_app_handle("pagedserve")`:
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type.
+import asyncio
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedserve.cluster.dispatch import Dispatcher
 from pagedserve.cluster.gateway import Answer, Gateway, served_model_id
 from pagedserve.cluster.metrics import IngressMetrics
+from pagedserve.cluster.node_exports import NodeExports
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_responses import models_list
 from pagedserve.cluster.openai_sse import SSE_DONE, sse_error, sse_event
@@ -88,6 +90,7 @@ class IngressDeployment:
         self.config = ClusterConfig(**config)
         self.router = router
         self.metrics = IngressMetrics()
+        self.node_exports = NodeExports()
         self.created = int(time.time())
         warm = self.config.warm_prefixes
         dispatcher = Dispatcher(router, replicas, self.config.engine.block_size,
@@ -134,8 +137,10 @@ class IngressDeployment:
     async def prometheus_metrics(self, request: Request) -> Response:
         if (refused := await self._refused(request)) is not None:
             return refused
-        stats = await self.router.stats.remote()
-        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+        stats, cluster = await asyncio.gather(self.router.stats.remote(),
+                                              self.node_exports.families())
+        notes = [f"not answering, skipped: {url}" for url in sorted(self.node_exports.failing)]
+        return Response(self.metrics.render(stats, cluster, notes), media_type=CONTENT_TYPE_LATEST)
 
     async def _refused(self, request: Request) -> Response | None:
         """The 401/429 response for a caller the gateway refuses, else None."""

@@ -87,7 +87,8 @@ def _router_extras(config: ClusterConfig) -> dict:
     extras: dict = {"warm_prefixes": config.warm_prefixes.model_dump()}
     if config.rollout is not None:
         extras["rollout"] = config.rollout.model_dump(
-            include={"canary_share", "max_error_rate", "window_s", "min_requests"})
+            include={"canary_share", "max_error_rate", "window_s", "min_requests",
+                     "max_ttft_ratio", "ttft_tolerance_s"})
     autoscale = config.autoscaling
     if autoscale is not None:
         extras["replica_deployment"] = REPLICA_DEPLOYMENT

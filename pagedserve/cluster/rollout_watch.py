@@ -33,12 +33,26 @@ class RolloutWatch:
         ready = any(s.report.version == CANARY and not s.report.draining for s in replicas)
         return self.rollout.version_for_new_request(ready)
 
-    def record(self, version: str, ok: bool, ttft_s: float | None) -> None:
+    def record(self, version: str, ok: bool, ttft_s: float | None) -> str | None:
+        """Count one finished request; returns the decision when this one took it."""
         self._requests.inc(tags={"version": version, "outcome": "ok" if ok else "error"})
         decision = self.rollout.record(version, ok, ttft_s)
         if decision is not None:
             self._state.set(STATE_VALUES[decision])
             logger.warning("rollout %s: %s", decision, self.rollout.summary())
+        return decision
+
+    def lost(self, version: str) -> bool:
+        """Whether `version` lost the rollout (its replicas drain, then stop)."""
+        return self.rollout.loser == version
+
+    @property
+    def winner(self) -> str | None:
+        return self.rollout.winner
+
+    @property
+    def loser(self) -> str | None:
+        return self.rollout.loser
 
     def summary(self) -> dict:
         return self.rollout.summary()

@@ -38,7 +38,7 @@ def build_app(args: dict | None = None) -> Application:
     router = serve.deployment(
         RouterDeployment, name="Router", num_replicas=1,
         max_ongoing_requests=config.router.max_queue_len + 1024,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=_control_actor_options(config),
         logging_config={"enable_access_log": False},  # capacity reports arrive every 50 ms
     ).bind(config.router.model_dump(), **_router_extras(config))
     replicas = _replica_deployment(config, REPLICA_DEPLOYMENT,
@@ -51,11 +51,19 @@ def build_app(args: dict | None = None) -> Application:
         ).bind(canary_config.model_dump(), router, CANARY)
     return serve.deployment(
         IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
-        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options=_control_actor_options(config),
         # A replaced ingress (a redeploy) stops once its streams ended, as replicas do.
         graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
         graceful_shutdown_wait_loop_s=GRACEFUL_WAIT_LOOP_S,
     ).bind(as_dict, router, replicas, canary)
+
+
+def _control_actor_options(config: ClusterConfig) -> dict:
+    """The router's and the ingress's actor options: no CPU, the configured resources."""
+    options = {"num_cpus": 0}
+    if config.control_resources:
+        options["resources"] = dict(config.control_resources)
+    return options
 
 
 def _replica_deployment(config: ClusterConfig, name: str, count: dict):

@@ -15,7 +15,7 @@ from pagedserve.autoscale.serve_policy import (
 )
 from pagedserve.cluster.ingress import IngressDeployment
 from pagedserve.cluster.pinned_router import PinnedRequestRouter
-from pagedserve.cluster.rollout import CANARY
+from pagedserve.cluster.rollout import CANARY, versions_key
 from pagedserve.cluster.router import RouterDeployment
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.deployment import ReplicaDeployment
@@ -113,6 +113,8 @@ def _router_extras(config: ClusterConfig) -> dict:
         extras["rollout"] = config.rollout.model_dump(
             include={"canary_share", "max_error_rate", "window_s", "min_requests",
                      "max_ttft_ratio", "ttft_tolerance_s"})
+        extras["rollout"]["key"] = versions_key(config.engine.model_dump(),
+                                                config.rollout.engine.model_dump())
         extras["canary_deployment"] = CANARY_DEPLOYMENT
     # Whom Serve stops (a scale-down, a redeploy, a rollout's loser): drained at once.
     extras["replica_deployment"] = REPLICA_DEPLOYMENT

@@ -16,6 +16,8 @@ every new request goes to the winner; the loser's replicas drain (no new admissi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -54,6 +56,13 @@ def ttft_regressed(canary: VersionCounts, stable: VersionCounts, max_ratio: floa
     return new > old * max_ratio and new - old > tolerance_s
 
 
+def versions_key(stable_engine: dict, canary_engine: dict) -> str:
+    """Names the pair of versions a rollout judges: a decision holds for that pair only (a
+    redeploy with another new version starts a rollout of its own)."""
+    pair = json.dumps([stable_engine, canary_engine], sort_keys=True, default=str)
+    return hashlib.sha256(pair.encode()).hexdigest()[:16]
+
+
 class Rollout:
     """The state of one rollout: "canary", then "promoted" or "rolled_back".
 
@@ -71,7 +80,8 @@ class Rollout:
         self.ttft_tolerance_s = ttft_tolerance_s
         self.clock = clock
         self.state = "canary"
-        self.reason: str | None = None  # why it was decided: "error_rate", "ttft", "healthy"
+        # Why it was decided: "error_rate", "ttft", "healthy", or "adopted" from a replica.
+        self.reason: str | None = None
         self.started_at: float | None = None  # when the canary first took a request
         self.decided_at: float | None = None
         self.counts = {STABLE: VersionCounts(), CANARY: VersionCounts()}
@@ -126,6 +136,15 @@ class Rollout:
                           self.ttft_tolerance_s, self.min_requests):
             return self._settle(ROLLED_BACK, "ttft")
         return self._settle(PROMOTED, "healthy")
+
+    def adopt(self, state: str) -> str | None:
+        """Take a decision made before (by a router this one replaced, as a replica tells);
+        returns it if it is news."""
+        if self.state != "canary" or state not in (PROMOTED, ROLLED_BACK):
+            return None
+        if self.started_at is None:
+            self.started_at = self.clock()
+        return self._settle(state, "adopted")
 
     def summary(self) -> dict:
         return {"state": self.state, "reason": self.reason, "canary_share": self.canary_share,

@@ -107,8 +107,10 @@ class RouterDeployment:
         """How a request sent to `version` ended (the ingress tells): judges the rollout.
         Once decided, requests queued for the loser wait for the winner's replicas instead:
         the loser's are about to stop."""
-        if self.rollout is None or self.rollout.record(version, ok, ttft_s) is None:
-            return
+        if self.rollout is not None and self.rollout.record(version, ok, ttft_s) is not None:
+            self._on_decision()
+
+    def _on_decision(self) -> None:
         self.queue.retarget(self.rollout.loser, self.rollout.winner)
         self._dispatch()
 
@@ -142,16 +144,22 @@ class RouterDeployment:
         """A replica's capacity report; it also frees room for whoever waits.
 
         Returns the queue's depth and oldest wait, which replicas relay to the autoscaler,
-        whether the replica is parked, and whether its model version lost a rollout (its
-        autoscaling policy then scales its deployment to 0).
+        whether the replica is parked, and in a rollout its decision and whether the replica's
+        version lost (its autoscaling policy then scales its deployment to 0). Replicas keep
+        the decision and send it with their reports (`rollout`), so a router that replaced
+        this one adopts it instead of judging the rollout again.
         """
         self._ensure_watcher()
+        if self.rollout is not None and self.rollout.adopt(report.get("rollout")) is not None:
+            self._on_decision()
         self.queue.report(ReplicaReport(**{k: v for k, v in report.items() if k in _REPORT_FIELDS}))
         self._dispatch()
-        return {"queue_len": len(self.queue), "oldest_wait_s": self.queue.oldest_wait_s(),
-                "parked": self.parking.is_parked(report["replica_id"]),
-                "retired": self.rollout is not None
-                and self.rollout.lost(report.get("version", STABLE))}
+        view = {"queue_len": len(self.queue), "oldest_wait_s": self.queue.oldest_wait_s(),
+                "parked": self.parking.is_parked(report["replica_id"])}
+        if self.rollout is not None:
+            view["rollout"] = self.rollout.decided
+            view["retired"] = self.rollout.lost(report.get("version", STABLE))
+        return view
 
     def hot_prefixes(self) -> list[list[int]]:
         """Token ids of the cluster's hottest prompt prefixes, for a new replica to prefill."""

@@ -58,6 +58,7 @@ class ReplicaDeployment:
         # Parked until the router says otherwise, when the deployment keeps parked replicas.
         self.parked = self.config.standby.parked > 0
         self.retired = False  # the router says this version lost a rollout
+        self.rollout: dict | None = None  # a rollout's decision, kept for the next router
         self.stopping = False
         self.ranks = None
         if self.config.engine.tensor_parallel_size > 1:
@@ -260,6 +261,7 @@ class ReplicaDeployment:
             "block_hashes": hashes,
             "draining": self.draining,
             "version": self.version,
+            "rollout": self.rollout,
         }
         try:
             view = await self.router.report.remote(report)
@@ -270,3 +272,4 @@ class ReplicaDeployment:
             self._router_view = view
             self.parked = bool(view.get("parked", False))
             self.retired = bool(view.get("retired", False))
+            self.rollout = view.get("rollout") or self.rollout  # a decision is for good

@@ -4,6 +4,8 @@ cluster and Serve (handles only, no HTTP port).
 - healthy: the new version (other weights: another seed) is promoted after `window_s`; from
   then on every request goes to it, the old replica drains and stops (its deployment ends with
   no replica), and no request failed.
+  The router is then killed: the one Serve starts learns the decision from the new version's
+  replicas (they keep it) instead of judging the rollout again, and no request fails.
 - failing: the new version's config breaks its requests (a context window shorter than the
   prompts); it is rolled back within `window_s`, the old version serves everything again and
   the new version's deployment ends with no replica.
@@ -15,8 +17,10 @@ import asyncio
 import time
 
 import pytest
-from fault_load import Load
+import ray
+from fault_load import Load, with_load
 from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray_clusters import own_ray_cluster
 
 from pagedserve.cluster.app import CANARY_DEPLOYMENT, REPLICA_DEPLOYMENT, build_app
@@ -81,6 +85,14 @@ async def _run_until_retired(name: str, loser: str,
     return load, decided_at, at_decision, retired_after_s
 
 
+def _kill_router(name: str) -> str:
+    """Kill the router's replica (Serve starts another); returns the killed one's id."""
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    (router,) = ray.get(controller.get_deployment_details.remote(name, "Router")).replicas
+    ray.kill(ray.get_actor(router.actor_name, namespace=SERVE_NAMESPACE), no_restart=True)
+    return router.replica_id
+
+
 def _router_replicas(name: str) -> dict:
     return serve.get_deployment_handle("Router", name).stats.remote().result()["replicas"]
 
@@ -108,6 +120,17 @@ def test_healthy_version_is_promoted_and_the_old_one_drains(cluster, tiny_model_
     assert [r["version"] for r in router.values()] == ["canary"], router
     assert all(r["num_running"] == 0 for r in router.values()), router
     print(f"old version's replica gone {retired_after_s:.1f} s after the promotion")
+    # A new router takes the promotion from the new version's replica; had it judged the
+    # rollout again, four in five requests would wait for the old version, which is gone.
+    after_restart = Load(serve.get_app_handle("rollout-healthy"), BODY, concurrency=CONCURRENCY)
+    asyncio.run(with_load(after_restart, lambda: _kill_router("rollout-healthy"), settle_s=10))
+    counts = after_restart.counts()
+    assert counts["sent"] > CONCURRENCY and counts["succeeded"] == counts["sent"], \
+        (counts, after_restart.failed()[:3])
+    rollout = _rollout_state("rollout-healthy")
+    assert (rollout["state"], rollout["reason"]) == ("promoted", "adopted"), rollout
+    assert rollout["canary"]["requests"] > 0 and rollout["stable"]["requests"] == 0, rollout
+    assert _replica_states("rollout-healthy", REPLICA_DEPLOYMENT) == {}
     serve.delete("rollout-healthy")
 
 

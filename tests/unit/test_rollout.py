@@ -124,3 +124,11 @@ def test_ttft_samples_stop_being_kept_once_decided():
     _serve(rollout, clock, {STABLE: 0.2, CANARY: 0.2}, seconds=10)
     assert len(rollout.counts[CANARY].ttft_s) == kept  # a router that runs for weeks
     assert rollout.counts[CANARY].requests == served + 100
+
+
+def test_an_adopted_decision_holds_and_a_taken_one_is_not_overturned():
+    rollout = _rollout(Clock())
+    assert rollout.adopt("canary") is None and rollout.state == "canary"  # not a decision
+    assert rollout.adopt("promoted") == "promoted" and rollout.reason == "adopted"
+    assert rollout.version_for_new_request(canary_ready=False) == CANARY
+    assert rollout.adopt("rolled_back") is None and rollout.state == "promoted"

@@ -1,6 +1,7 @@
 """The router actor's side of change, without Ray: a rollout's decision moves the loser's
-queued requests to the winner and tells the loser's replicas they are retired; a router that
-Serve replaces hands its queued requests back for its successor."""
+queued requests to the winner and tells the loser's replicas they are retired; a new router
+takes the decision from the replicas instead of judging again; a router that Serve replaces
+hands its queued requests back for its successor."""
 
 from __future__ import annotations
 
@@ -64,5 +65,32 @@ def test_a_router_being_replaced_hands_back_what_it_queued(monkeypatch):
         assert await router.admit(request("r2")) == ROUTER_REPLACED  # and no new ones
         assert await router.admit_versioned(request("r3")) == ROUTER_REPLACED
         assert router.stats()["queue_len"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_new_router_adopts_the_decision_the_replicas_kept_for_the_same_versions():
+    async def scenario():
+        first = RouterDeployment(rollout={**ROLLOUT, "key": "pair-1"})
+        await first.report(report("old", "stable"))
+        await first.report(report("new", "canary"))
+        await first.admit_versioned(request("r0"))  # the canary phase starts
+        for _ in range(ROLLOUT["min_requests"]):
+            first.record_outcome("canary", ok=False)
+        kept = (await first.report(report("old", "stable")))["rollout"]
+        assert kept == {"state": "rolled_back", "key": "pair-1"}
+        # The router restarts: the old version's replica tells the new one at its next report.
+        second = RouterDeployment(rollout={**ROLLOUT, "key": "pair-1"})
+        queued = asyncio.create_task(second.admit_versioned(request("r1")))
+        await asyncio.sleep(0)  # taken before any replica reported: for the old version
+        view = await second.report({**report("old", "stable"), "rollout": kept})
+        assert second.stats()["rollout"]["state"] == "rolled_back"
+        assert second.stats()["rollout"]["reason"] == "adopted" and view["rollout"] == kept
+        assert (await second.report(report("new", "canary")))["retired"] is True
+        assert await queued == ("old", "stable")
+        # A redeploy with another new version judges it afresh.
+        third = RouterDeployment(rollout={**ROLLOUT, "key": "pair-2"})
+        await third.report({**report("old", "stable"), "rollout": kept})
+        assert third.stats()["rollout"]["state"] == "canary"
 
     asyncio.run(scenario())

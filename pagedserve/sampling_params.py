@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
 MAX_STOP_CHARS = 16_384  # all stop strings of a request together
+MAX_LOGIT_BIAS_TOKENS = 1024
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
 @dataclass
@@ -33,6 +35,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # token id -> a number added to its logit before sampling (log-probs stay the model's own)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +46,8 @@ class SamplingParams:
         if self.top_k == -1:  # vLLM spelling of "disabled"
             self.top_k = 0
         self._validate()
+        self._validate_logit_bias()
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +84,22 @@ class SamplingParams:
                f"must be an integer, got {self.seed!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                "logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+
+
+    def _validate_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        _check(isinstance(bias, dict), "logit_bias",
+               f"must be a dict of token id to number, got {type(bias).__name__}")
+        _check(len(bias) <= MAX_LOGIT_BIAS_TOKENS, "logit_bias",
+               f"may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
+        for token, value in bias.items():
+            _check(_is_int(token) and token >= 0, "logit_bias",
+                   f"keys must be non-negative token ids, got {token!r}")
+            _check(_is_num(value) and abs(value) <= LOGIT_BIAS_RANGE, "logit_bias",
+                   f"values must be numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
+                   f"got {value!r} for token {token}")
 
 
 def _as_list(value: object, field_name: str) -> list:

@@ -2,7 +2,7 @@
 
 Types are strict (a string is not a number, 1 is not `true`) as OpenAI's API is; unknown fields
 are ignored because SDKs send fields we do not use. Fields that would change the output in ways
-we cannot honour (tools, logit_bias, echo, ...) are refused with a 400 rather than ignored.
+we cannot honour (tools, echo, ...) are refused with a 400 rather than ignored.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pagedserve.cluster.openai_errors import APIError
+from pagedserve.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS_TOKENS
 
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; vLLM clients send more
 MAX_N = 128
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+BiasValue = Annotated[float, Field(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
@@ -41,7 +43,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, BiasValue] | None = Field(None, max_length=MAX_LOGIT_BIAS_TOKENS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -67,6 +69,17 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
         return stops
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_token_ids(cls, value: Any) -> Any:
+        """OpenAI's keys are token ids as JSON strings ("1234"); a handle call may send ints."""
+        if not isinstance(value, dict):
+            return value
+        keys = [str(k) for k in value if not _is_token_id_key(k)]
+        if keys:
+            raise ValueError(f"keys must be token ids (non-negative integers), got {keys[0]!r}")
+        return {str(k): v for k, v in value.items()}
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -75,8 +88,14 @@ class _SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise APIError.bad_request(
                 "stream_options is only allowed when stream is true.", "stream_options")
-        if self.logit_bias:
-            raise APIError.bad_request("logit_bias is not supported.", "logit_bias")
+
+
+def _is_token_id_key(key: Any) -> bool:
+    if isinstance(key, bool):
+        return False
+    if isinstance(key, int):
+        return key >= 0
+    return isinstance(key, str) and key.isascii() and key.isdigit()
 
 
 class ChatMessage(BaseModel):

@@ -59,6 +59,8 @@ def _fields(request: OpenAIRequest) -> dict:
         logprobs=request_logprobs(request),
         include_stop_str_in_output=given(request.include_stop_str_in_output, False),
         skip_special_tokens=given(request.skip_special_tokens, True),
+        logit_bias={int(k): v for k, v in request.logit_bias.items()} if request.logit_bias
+        else None,
     )
 
 

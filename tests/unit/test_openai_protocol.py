@@ -64,7 +64,12 @@ def bad_request(fn, *args) -> APIError:
     (chat(stop_token_ids=[1, -2]), "stop_token_ids[1]"),
     (chat(ignore_eos=1), "ignore_eos"),
     (chat(top_k=-2), "top_k"),
-    (chat(logit_bias={"5": 1.0}), "logit_bias"),
+    (chat(logit_bias={"five": 1.0}), "logit_bias"),
+    (chat(logit_bias={"-5": 1.0}), "logit_bias"),
+    (chat(logit_bias={"5": 100.5}), "logit_bias"),
+    (chat(logit_bias={"5": "1"}), "logit_bias"),
+    (chat(logit_bias=[5]), "logit_bias"),
+    (chat(logit_bias={str(i): 1.0 for i in range(1025)}), "logit_bias"),
     (chat(tools=[{"type": "function"}]), "tools"),
     (chat(response_format={"type": "json_object"}), "response_format"),
     ({"model": "m"}, "messages"),
@@ -149,7 +154,7 @@ def test_sampling_params_map_every_field():
         n=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, presence_penalty=0.5,
         frequency_penalty=-0.5, repetition_penalty=1.1, max_tokens=20, min_tokens=2,
         stop=["x", "y"], stop_token_ids=[7], ignore_eos=True, seed=3, logprobs=True,
-        top_logprobs=4))
+        top_logprobs=4, logit_bias={"5": -100, "9": 2.5}))
     params = to_sampling_params(request, max_model_len=100, prompt_len=10)
     assert (params.n, params.temperature, params.top_p, params.top_k, params.min_p) == (
         2, 0.7, 0.9, 5, 0.1)
@@ -158,6 +163,7 @@ def test_sampling_params_map_every_field():
     assert (params.max_tokens, params.min_tokens, params.stop, params.stop_token_ids) == (
         20, 2, ["x", "y"], [7])
     assert (params.ignore_eos, params.seed, params.logprobs) == (True, 3, 4)
+    assert params.logit_bias == {5: -100.0, 9: 2.5}
 
 
 def test_sampling_defaults_follow_openai_and_vllm():

@@ -109,6 +109,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
+        _check_logit_bias(params, self.spec.vocab_size)
         request = Request(request_id, text, token_ids, params, self.config.block_size,
                           self.tokenizer, self.max_model_len)
         self.requests[request_id] = request
@@ -280,6 +281,13 @@ def _check_token_ids(token_ids: list, vocab_size: int) -> None:
     for t in token_ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
             raise ValueError(f"prompt token id {t!r} is not an integer in [0, {vocab_size})")
+
+
+def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    outside = [t for t in params.logit_bias or {} if t >= vocab_size]
+    if outside:
+        raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary "
+                         f"(size {vocab_size})")
 
 
 def resolve_device(name: str) -> torch.device:

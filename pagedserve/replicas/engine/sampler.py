@@ -38,6 +38,7 @@ class Sampler:
         if any(_edits_logits(s) for s in seqs):
             logits = logits.clone()
             self._apply_penalties(logits, seqs)
+            _apply_logit_bias(logits, seqs)
             self._block_early_stop(logits, seqs)
         tokens = self._sample(logits, seqs)
         return PendingSample(tokens, raw_logprobs, seqs)
@@ -112,7 +113,17 @@ def plain_greedy(seqs: list[Sequence]) -> bool:
 def _edits_logits(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-            or seq.num_output_tokens < p.min_tokens)
+            or seq.num_output_tokens < p.min_tokens or bool(p.logit_bias))
+
+
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Add each request's `logit_bias` to its row (ids were checked against the vocabulary)."""
+    for row, seq in enumerate(seqs):
+        bias = seq.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.long).to(logits.device, non_blocking=True)
+            values = torch.tensor(list(bias.values()), dtype=logits.dtype)
+            logits[row].index_add_(0, ids, values.to(logits.device, non_blocking=True))
 
 
 def _device_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also measure our engine offline on the same workload, first")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    args.out = args.out or common.default_out("serving", args.device)
+    args.out = common.default_out("serving", args.device, args.out)
     return args
 
 

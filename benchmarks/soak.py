@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    args.out = args.out or common.default_out("soak", "cpu")
+    args.out = common.default_out("soak", "cpu", args.out)
     return args
 
 

@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown peers {sorted(unknown)}; choose from {list(PEERS)}")
     if args.dtype == "auto":
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
-    args.out = args.out or common.default_out("throughput", args.device)
+    args.out = common.default_out("throughput", args.device, args.out)
     return args
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -145,6 +145,10 @@ class RolloutConfig(BaseModel):
     max_error_rate: float = Field(default=0.03, ge=0, lt=1)  # above it: rolled back
     window_s: float = Field(default=300.0, gt=0)  # judged this long, then promoted
     min_requests: int = Field(default=20, ge=1)  # canary requests needed for a decision
+    # At the window's end: rolled back if its median TTFT is above the old version's times
+    # this and by more than `ttft_tolerance_s` (None: TTFT is not judged).
+    max_ttft_ratio: float | None = Field(default=1.5, ge=1)
+    ttft_tolerance_s: float = Field(default=0.05, ge=0)
 
 
 CacheScope = Literal["key", "global"]
@@ -228,6 +232,10 @@ class ClusterConfig(BaseModel):
     # Per replica; with tensor parallelism per rank (one placement-group bundle each).
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
+    # Ray resources the router and the ingress each request (they need no CPU of their own),
+    # to keep them off the nodes whose loss is likely: `{"node:__internal_head__": 0.001}`
+    # places them on the head node. Empty: anywhere.
+    control_resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica
     router: RouterConfig = Field(default_factory=RouterConfig)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
@@ -244,6 +252,17 @@ class ClusterConfig(BaseModel):
     rollout: RolloutConfig | None = None  # None: one model version
     cache: CacheConfig = Field(default_factory=CacheConfig)
     auth: AuthConfig | None = None  # None: no API keys (every route open)
+
+    @field_validator("control_resources")
+    @classmethod
+    def _check_control_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: amount for name, amount in value.items() if not amount > 0}
+        if bad:
+            raise ValueError(f"control_resources amounts must be positive, got {bad}")
+        if any(name in ("CPU", "GPU") for name in value):
+            raise ValueError("control_resources takes custom resources only (the router and "
+                             "the ingress run without a CPU or GPU of their own)")
+        return value
 
     @model_validator(mode="after")
     def _check_replica_count(self) -> ClusterConfig:

@@ -2,7 +2,7 @@
 
 Types are strict (a string is not a number, 1 is not `true`) as OpenAI's API is; unknown fields
 are ignored because SDKs send fields we do not use. Fields that would change the output in ways
-we cannot honour (tools, logit_bias, echo, ...) are refused with a 400 rather than ignored.
+we cannot honour (tools, echo, ...) are refused with a 400 rather than ignored.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pagedserve.cluster.openai_errors import APIError
+from pagedserve.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS_TOKENS
 
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; vLLM clients send more
 MAX_N = 128
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+BiasValue = Annotated[float, Field(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
@@ -25,6 +27,29 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema every answer must follow."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object with a 'schema'")
+        return self
 
 
 class _SamplingFields(BaseModel):
@@ -41,7 +66,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, BiasValue] | None = Field(None, max_length=MAX_LOGIT_BIAS_TOKENS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -54,6 +79,10 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[NonNegativeInt] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's structured-output extras (chat requests also take `response_format`)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -67,6 +96,17 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
         return stops
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_token_ids(cls, value: Any) -> Any:
+        """OpenAI's keys are token ids as JSON strings ("1234"); a handle call may send ints."""
+        if not isinstance(value, dict):
+            return value
+        keys = [str(k) for k in value if not _is_token_id_key(k)]
+        if keys:
+            raise ValueError(f"keys must be token ids (non-negative integers), got {keys[0]!r}")
+        return {str(k): v for k, v in value.items()}
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -75,8 +115,22 @@ class _SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise APIError.bad_request(
                 "stream_options is only allowed when stream is true.", "stream_options")
-        if self.logit_bias:
-            raise APIError.bad_request("logit_bias is not supported.", "logit_bias")
+        asked = [name for name in self.structured_fields() if getattr(self, name) is not None]
+        if len(asked) > 1:
+            raise APIError.bad_request(
+                f"at most one of {', '.join(asked)} may be given.", asked[1])
+
+    def structured_fields(self) -> tuple[str, ...]:
+        """The fields that ask for structured output, in this request kind."""
+        return ("guided_json", "guided_regex", "guided_choice")
+
+
+def _is_token_id_key(key: Any) -> bool:
+    if isinstance(key, bool):
+        return False
+    if isinstance(key, int):
+        return key >= 0
+    return isinstance(key, str) and key.isascii() and key.isdigit()
 
 
 class ChatMessage(BaseModel):
@@ -128,7 +182,13 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+
+    def structured_fields(self) -> tuple[str, ...]:
+        fields = super().structured_fields()
+        if self.response_format is not None and self.response_format.type != "text":
+            return ("response_format", *fields)
+        return fields
 
     def check(self) -> None:
         """Rules across fields; raises APIError 400."""
@@ -138,9 +198,6 @@ class ChatCompletionRequest(_SamplingFields):
                                        "top_logprobs")
         if self.tools and self.tool_choice != "none":
             raise APIError.bad_request("tool calling is not supported.", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError.bad_request("only the 'text' response_format is supported.",
-                                       "response_format")
 
 
 class CompletionRequest(_SamplingFields):

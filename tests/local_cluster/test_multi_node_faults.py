@@ -3,7 +3,8 @@ replica and a whole node are each lost while streaming requests run and wait in 
 
 Three raylets on this machine (`ray.cluster_utils.Cluster`): the head with no CPUs (Serve's
 controller, the router and the ingress), and two worker nodes with one replica each (1 and 2
-CPUs: the second has room for the replacement of the first). Each test counts the requests
+CPUs: the second has room for the replacement of the first). `control_resources` keeps the
+router and the ingress (and their replacements) on the head. Each test counts the requests
 sent, succeeded, and ended with an error before or after their first token, and checks that
 every replica's KV blocks are all free at the end. The tests run in file order; losing the
 node comes last because the cluster stays smaller after it.
@@ -40,7 +41,9 @@ def cluster(tiny_model_factory):
     args = {"engine": {"model": str(tiny_model_factory("llama-gqa-tied")), "device": "cpu",
                        "dtype": "float32", "num_kvcache_blocks": NUM_BLOCKS, "max_num_seqs": 2},
             "served_model_name": "tiny", "num_replicas": 2, "replica_num_cpus": 1,
-            "torch_threads": 1, "weight_store": {}}
+            "torch_threads": 1, "weight_store": {},
+            # The router and the ingress stay on the head node, their replacements too.
+            "control_resources": {"node:__internal_head__": 0.001}}
     with own_node_cluster(head_cpus=0) as nodes:
         serve.start(proxy_location="Disabled")
         # The head is the only node at first, so the router and the ingress start there;
@@ -106,6 +109,9 @@ def test_node_removed_unstarted_requests_are_readmitted(cluster):
     load = _load()
 
     (doomed,) = [r.replica_id for r in _details("Replica") if r.node_id == first.node_id]
+    # Only replicas are lost with the node: the replaced router and ingress run on the head.
+    head = cluster["nodes"].head_node.node_id
+    assert {r.node_id for d in ("Router", "Ingress") for r in _details(d)} == {head}
 
     def remove_first_worker() -> None:
         def busy():  # streams run on the doomed replica and others wait in the router

@@ -64,6 +64,23 @@ def test_bad_token_ids_and_types(llm):
         llm.generate(["w5", "w6"], [SamplingParams()])
 
 
+def test_logit_bias_outside_the_vocabulary_is_refused_and_inside_it_steers(llm):
+    vocab = llm.engine.spec.vocab_size
+    with pytest.raises(ValueError, match=f"logit_bias token id {vocab} is outside"):
+        llm.generate("w5", SamplingParams(logit_bias={vocab: 1.0}), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = llm.generate("w5 w6", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    forced = llm.generate("w5 w6", SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logit_bias={vocab - 1: 100}),
+        use_tqdm=False)[0].outputs[0].token_ids
+    banned = llm.generate("w5 w6", SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logit_bias={plain[0]: -100}),
+        use_tqdm=False)[0].outputs[0].token_ids
+    assert forced == [vocab - 1] * 4
+    assert banned[0] != plain[0] and plain[0] not in banned
+
+
 def test_failed_batch_leaves_nothing_queued(llm):
     with pytest.raises(ValueError):
         llm.generate(["w5 w6", ""])  # the second prompt is bad: the first must not linger

@@ -117,3 +117,13 @@ def test_first_run_on_a_fresh_engine_is_reported_beside_the_last(throughput, def
     assert row["first_over_steady"] == row["tokens_per_s"] / row["steady_tokens_per_s"]
     assert row["kernel_variants_per_run"] is None  # no Triton on a CPU run
     assert "1st/last" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["throughput", "serving", "soak"])
+def test_out_may_name_a_directory(monkeypatch, tmp_path, name):
+    """`--out DIR` writes a dated file in DIR (a directory used to fail at the end of a run)."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    module = importlib.import_module(f"benchmarks.{name}")
+    args = module.parse_args(["--out", str(tmp_path)])
+    out = Path(args.out)
+    assert out.parent == tmp_path and out.suffix == ".json" and not out.exists()

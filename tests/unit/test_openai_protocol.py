@@ -64,9 +64,17 @@ def bad_request(fn, *args) -> APIError:
     (chat(stop_token_ids=[1, -2]), "stop_token_ids[1]"),
     (chat(ignore_eos=1), "ignore_eos"),
     (chat(top_k=-2), "top_k"),
-    (chat(logit_bias={"5": 1.0}), "logit_bias"),
+    (chat(logit_bias={"five": 1.0}), "logit_bias"),
+    (chat(logit_bias={"-5": 1.0}), "logit_bias"),
+    (chat(logit_bias={"5": 100.5}), "logit_bias"),
+    (chat(logit_bias={"5": "1"}), "logit_bias"),
+    (chat(logit_bias=[5]), "logit_bias"),
+    (chat(logit_bias={str(i): 1.0 for i in range(1025)}), "logit_bias"),
     (chat(tools=[{"type": "function"}]), "tools"),
-    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(response_format={"type": "xml"}), "response_format.type"),
+    (chat(response_format={"type": "json_schema"}), "response_format"),
+    (chat(guided_regex="a", guided_choice=["a"]), "guided_choice"),
+    (chat(response_format={"type": "json_object"}, guided_regex="a"), "guided_regex"),
     ({"model": "m"}, "messages"),
     (chat(messages=[]), "messages"),
     (chat(messages="Hi"), "messages"),
@@ -149,7 +157,7 @@ def test_sampling_params_map_every_field():
         n=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, presence_penalty=0.5,
         frequency_penalty=-0.5, repetition_penalty=1.1, max_tokens=20, min_tokens=2,
         stop=["x", "y"], stop_token_ids=[7], ignore_eos=True, seed=3, logprobs=True,
-        top_logprobs=4))
+        top_logprobs=4, logit_bias={"5": -100, "9": 2.5}))
     params = to_sampling_params(request, max_model_len=100, prompt_len=10)
     assert (params.n, params.temperature, params.top_p, params.top_k, params.min_p) == (
         2, 0.7, 0.9, 5, 0.1)
@@ -158,6 +166,7 @@ def test_sampling_params_map_every_field():
     assert (params.max_tokens, params.min_tokens, params.stop, params.stop_token_ids) == (
         20, 2, ["x", "y"], [7])
     assert (params.ignore_eos, params.seed, params.logprobs) == (True, 3, 4)
+    assert params.logit_bias == {5: -100.0, 9: 2.5}
 
 
 def test_sampling_defaults_follow_openai_and_vllm():
@@ -433,3 +442,28 @@ def test_models_list():
     openai = pytest.importorskip("openai")
     for entry in payload["data"]:
         openai.types.Model.model_validate(entry)
+
+
+def test_structured_output_fields_map_to_one_grammar():
+    from pagedserve.sampling_params import StructuredOutput
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    def spec(**fields):
+        return to_sampling_params(parse_chat_request(chat(**fields)), 100, 10).structured
+
+    assert spec() is None and spec(response_format={"type": "text"}) is None
+    assert spec(response_format={"type": "json_object"}) == StructuredOutput(json_object=True)
+    assert spec(response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": schema, "strict": False}}) == StructuredOutput(
+        json_schema=json.dumps(schema, sort_keys=True), strict=False)
+    assert spec(guided_json=schema) == StructuredOutput(json_schema=json.dumps(schema,
+                                                                               sort_keys=True))
+    assert spec(guided_regex="[ab]+") == StructuredOutput(regex="[ab]+")
+    assert spec(guided_choice=["x", "y"]) == StructuredOutput(choice=("x", "y"))
+    completion_spec = to_sampling_params(parse_completion_request(completion(
+        guided_choice=["x"])), 100, 10).structured
+    assert completion_spec == StructuredOutput(choice=("x",))
+    with pytest.raises(APIError) as err:
+        spec(guided_json="[1, 2]")
+    assert err.value.param == "guided_json"

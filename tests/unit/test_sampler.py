@@ -357,3 +357,35 @@ def test_valid_sampling_params_are_normalized():
     assert params.greedy
     assert not SamplingParams(temperature=0.7).greedy
     assert SamplingParams(max_tokens=3, min_tokens=3).min_tokens == 3
+
+
+# logit_bias
+
+
+def test_logit_bias_of_minus_100_bans_the_top_token_and_plus_100_forces_one():
+    logits = random_logits(2)
+    top = logits.argmax(dim=-1).tolist()
+    banned = Sampler([EOS])(logits, [make_seq(temperature=0.0, logit_bias={top[0]: -100}),
+                                     make_seq(temperature=0.0, logit_bias={7: 100})])
+    assert banned.token_ids[0] != top[0]
+    assert banned.token_ids[0] == logits[0].topk(2).indices[1].item()  # the runner-up
+    assert banned.token_ids[1] == 7
+    forced = draw(logits[0], 200, temperature=1.0, seed=1, logit_bias={11: 100})
+    assert set(forced.tolist()) == {11}
+
+
+def test_logit_bias_leaves_the_reported_logprobs_the_models_own():
+    logits = random_logits(1)
+    result = Sampler([EOS])(logits, [make_seq(temperature=0.0, logprobs=0, logit_bias={3: 100})])
+    assert result.token_ids == [3]
+    assert result.logprobs[0][3] == pytest.approx(logits[0].log_softmax(-1)[3].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({-1: 1.0}, "non-negative token ids"), ({"3": 1.0}, "non-negative token ids"),
+    ({3: 100.5}, r"\[-100, 100\]"), ({3: float("nan")}, r"\[-100, 100\]"),
+    ([3], "must be a dict"), ({i: 1.0 for i in range(1025)}, "at most 1024"),
+])
+def test_bad_logit_bias_is_a_value_error_naming_it(bias, message):
+    with pytest.raises(ValueError, match=f"logit_bias.*{message}"):
+        SamplingParams(logit_bias=bias)

@@ -35,7 +35,7 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
         stored = read_safetensor_slices(safetensors_files(model_dir), progress)
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, tp)
-    model = model.to_empty(device=device).to(dtype)
+    _materialize(model, device, dtype)
     model.tie_weights()
     _zero_vocab_padding(model)
     model.model.rotary.build(device)
@@ -44,6 +44,30 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
         torch.cuda.synchronize(device)  # the copies from pinned host memory were asynchronous
     cpu_linear.pack_model(model)  # float32 on a CPU only
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter and buffer uninitialised storage on `device`, floating point
+    ones in `dtype`: what `to_empty(device).to(dtype)` does, with one `torch.empty` each.
+    (`to_empty` calls `empty_like` on meta tensors, which runs torch's Python reference
+    implementation; its first use imports sympy and torch.fx's symbolic shapes, about 0.5 s on
+    a CPU and seconds on a busy machine, at every engine start.)"""
+    made: dict[int, torch.Tensor] = {}  # a tensor shared by two modules stays shared
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            kind = dtype if t.is_floating_point() else t.dtype
+            made[id(t)] = torch.empty(t.shape, dtype=kind, device=device)
+        return made[id(t)]
+
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                module._parameters[name] = torch.nn.Parameter(empty(param),
+                                                              requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = empty(buffer)
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:

@@ -245,7 +245,9 @@ def row_linear(in_features: int, out_features: int, bias: bool,
 
 def embedding(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> nn.Module:
     if tp is None:
-        return nn.Embedding(vocab_size, hidden_size)
+        # An explicit (uninitialised) weight: the default init's `normal_` on the meta device
+        # goes through torch._refs, whose first use imports torch._dynamo (1-4 s at start).
+        return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
     return VocabParallelEmbedding(vocab_size, hidden_size, tp)
 
 

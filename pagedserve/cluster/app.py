@@ -29,10 +29,6 @@ CANARY_DEPLOYMENT = "ReplicaCanary"  # a rollout's new model version
 GRACEFUL_WAIT_LOOP_S = 0.5  # how often a stopping replica checks that its streams have ended
 DRAIN_TIMEOUT_S = 60.0  # a stopping ingress's or fixed-size replica's streams end within this
 PARKED_HOLD_S = 30.0  # a fixed-size deployment parks an extra un-parked replica after this
-# The ingress only awaits I/O, so its handlers run on the replica's own event loop: Serve's
-# default (a second thread and loop for user code) costs a cross-thread hand-off for each
-# request, its body and each response message, which a cache hit pays in full.
-INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -55,9 +51,7 @@ def build_app(args: dict | None = None) -> Application:
         ).bind(canary_config.model_dump(), router, CANARY)
     return serve.deployment(
         IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
-        max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={**_control_actor_options(config),
-                           "runtime_env": {"env_vars": INGRESS_ENV}},
+        max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options=_control_actor_options(config),
         # A replaced ingress (a redeploy) stops once its streams ended, as replicas do.
         graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
         graceful_shutdown_wait_loop_s=GRACEFUL_WAIT_LOOP_S,

@@ -10,12 +10,11 @@ Messages in:  ("add", id, request_id, prompt, params) ("abort", id, request_id) 
 Messages out: ("ready", stats, phases) ("result", id, ok, value, stats) ("outputs", outputs, stats)
               ("dead", message)
 Outputs are built only for requests whose consumer said it wants news ("want"; an add counts
-as one) and for finished requests; they travel as plain tuples (`wire.encode_output`).
+as one) and for finished requests; they travel as plain tuples (`encode_output`), which
+`engine_client` decodes.
 """
 
 from __future__ import annotations
-
-from pagedserve.replicas.engine.wire import encode_output
 
 
 def run_engine_core(config: dict, conn, torch_threads: int | None = None,
@@ -85,6 +84,16 @@ def _build_engine(conn, config: dict, torch_threads: int | None, init_method: st
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return None
+
+
+def encode_output(out, with_prompt: bool) -> tuple:
+    """A `RequestOutput` as plain tuples, lists and strings: they pickle and unpickle several
+    times faster than dataclasses (no class lookups, no per-object `__reduce__`). The prompt
+    travels only with a request's first output: the client keeps it for the later ones."""
+    completions = [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
+                    c.finish_reason, c.stop_reason) for c in out.outputs]
+    prompt = (out.prompt, out.prompt_token_ids) if with_prompt else None
+    return out.request_id, prompt, completions, out.finished, out.num_cached_tokens
 
 
 class _EngineCore:

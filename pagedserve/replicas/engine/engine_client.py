@@ -36,14 +36,13 @@ class EngineDeadError(RuntimeError):
 class Stream:
     """One request's mailbox; `wanting` says its consumer waits for news from the engine."""
 
-    __slots__ = ("loop", "queue", "wanting", "want_after", "prompt")
+    __slots__ = ("loop", "queue", "wanting", "want_after")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.wanting = True  # an add counts as a "want"
         self.want_after = 0.0  # loop time before which this stream asks for no more news
-        self.prompt: tuple = (None, [])  # (text, token ids): only a request's first output brings it
 
 
 class EngineClient:
@@ -114,8 +113,10 @@ class EngineClient:
                           request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request (ValueError on bad input) and return its delta stream.
 
-        Each item holds only what is new since the previous one: new text and token ids per
-        completion index. Leaving the iterator early (or cancelling) aborts the request.
+        Each item holds only what is new since the previous one, as the engine sent it: new
+        text, token ids and logprobs per completion index, a completion's finish reason once.
+        Items leave out the prompt (`prompt=None`, `prompt_token_ids=[]`): the caller has it.
+        Leaving the iterator early (or cancelling) aborts the request.
         """
         self.check_health()
         request_id = request_id or f"req-{next(self._ids)}"
@@ -152,15 +153,14 @@ class EngineClient:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
 
     async def _iterate(self, request_id: str, stream: Stream) -> AsyncIterator[RequestOutput]:
-        seen: dict[int, tuple[int, int]] = {}
         finished = False
         try:
             while not finished:
-                item = latest(stream.queue, await self._next_item(request_id, stream))
+                item = merge_queued(stream.queue, await self._next_item(request_id, stream))
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
-                yield delta(item, seen)
+                yield item
                 stream.want_after = stream.loop.time() + self._delta_interval()
         finally:
             if not finished:
@@ -279,12 +279,8 @@ class EngineClient:
             self._fail(msg[1])
 
     def _deliver_wire(self, wire: tuple) -> None:
-        stream = self._streams.get(wire[0])
-        if stream is None:  # aborted meanwhile
-            return
-        if wire[1] is not None:  # the request's first output brings its prompt
-            stream.prompt = wire[1]
-        self._deliver(decode_output(wire, stream.prompt))
+        if wire[0] in self._streams:  # else aborted meanwhile
+            self._deliver(decode_delta(wire))
 
     def _fail(self, message: str) -> None:
         if self._error is not None:
@@ -306,44 +302,40 @@ def settle(future: asyncio.Future, result, error: BaseException | None) -> None:
         future.set_result(result)
 
 
-def latest(queue: asyncio.Queue, item):
-    """Skip to the newest queued item: outputs are cumulative, so it holds the others' news.
+def merge_queued(queue: asyncio.Queue, item):
+    """`item` joined with the deltas queued behind it (an error ends the stream: it wins).
 
     A consumer slower than the engine (a remote caller, say) then gets fewer, larger deltas
     instead of falling behind one step at a time.
     """
     while not isinstance(item, BaseException) and not queue.empty():
-        item = queue.get_nowait()
+        later = queue.get_nowait()
+        item = later if isinstance(later, BaseException) else merge_deltas(item, later)
     return item
 
 
-def delta(out: RequestOutput, seen: dict[int, tuple[int, int]]) -> RequestOutput:
-    """Keep only what each completion gained since the last item of this stream."""
-    deltas = []
-    for c in out.outputs:
-        text_len, tok_len = seen.get(c.index, (0, 0))
-        if len(c.text) == text_len and len(c.token_ids) == tok_len and c.finish_reason is None:
-            continue
-        seen[c.index] = (len(c.text), len(c.token_ids))
-        deltas.append(CompletionOutput(
-            index=c.index, text=c.text[text_len:], token_ids=c.token_ids[tok_len:],
+def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One delta holding what `first` and then `second` brought."""
+    by_index = {c.index: c for c in first.outputs}
+    for c in second.outputs:
+        old = by_index.get(c.index)
+        by_index[c.index] = c if old is None else CompletionOutput(
+            index=c.index, text=old.text + c.text, token_ids=old.token_ids + c.token_ids,
             cumulative_logprob=c.cumulative_logprob,
-            logprobs=c.logprobs[tok_len:] if c.logprobs is not None else None,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-        ))
-    return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished,
-                         out.num_cached_tokens)
+            logprobs=old.logprobs + c.logprobs if c.logprobs is not None else None,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+    return RequestOutput(first.request_id, None, [], sorted(by_index.values(),
+                         key=lambda c: c.index), second.finished, second.num_cached_tokens)
 
 
-def decode_output(wire: tuple, prompt: tuple[str | None, list[int]]) -> RequestOutput:
-    """Rebuild a `RequestOutput` from `engine_core.encode_output`'s tuple; `prompt` is the
-    `(text, token ids)` of the request's first."""
-    request_id, _, completions, finished, num_cached_tokens = wire
+def decode_delta(wire: tuple) -> RequestOutput:
+    """Rebuild a delta `RequestOutput` from `engine_core.encode_delta`'s tuple."""
+    request_id, completions, finished, num_cached_tokens = wire
     outputs = [CompletionOutput(index, text, token_ids, cumulative_logprob, logprobs,
                                 finish_reason, stop_reason)
                for index, text, token_ids, cumulative_logprob, logprobs, finish_reason,
                stop_reason in completions]
-    return RequestOutput(request_id, prompt[0], prompt[1], outputs, finished, num_cached_tokens)
+    return RequestOutput(request_id, None, [], outputs, finished, num_cached_tokens)
 
 
 class AdoptedProcess:

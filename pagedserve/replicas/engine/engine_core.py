@@ -9,9 +9,10 @@ Messages in:  ("add", id, request_id, prompt, params) ("abort", id, request_id) 
               ("hashes", id) ("want", request_id) ("stop",)
 Messages out: ("ready", stats, phases) ("result", id, ok, value, stats) ("outputs", outputs, stats)
               ("dead", message)
-Outputs are built only for requests whose consumer said it wants news ("want"; an add counts
-as one) and for finished requests; they travel as plain tuples (`encode_output`), which
-`engine_client` decodes.
+Outputs are deltas (`Request.delta`: what is new for a request since its previous output),
+built only for requests whose consumer said it wants news ("want"; an add counts as one) and
+for finished requests; they travel as plain tuples (`encode_delta`), which `engine_client`
+decodes.
 """
 
 from __future__ import annotations
@@ -86,14 +87,13 @@ def _build_engine(conn, config: dict, torch_threads: int | None, init_method: st
         return None
 
 
-def encode_output(out, with_prompt: bool) -> tuple:
-    """A `RequestOutput` as plain tuples, lists and strings: they pickle and unpickle several
-    times faster than dataclasses (no class lookups, no per-object `__reduce__`). The prompt
-    travels only with a request's first output: the client keeps it for the later ones."""
+def encode_delta(out) -> tuple:
+    """A delta `RequestOutput` as plain tuples, lists and strings: they pickle and unpickle
+    several times faster than dataclasses (no class lookups, no per-object `__reduce__`). The
+    prompt stays behind: the client sent it."""
     completions = [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
                     c.finish_reason, c.stop_reason) for c in out.outputs]
-    prompt = (out.prompt, out.prompt_token_ids) if with_prompt else None
-    return out.request_id, prompt, completions, out.finished, out.num_cached_tokens
+    return out.request_id, completions, out.finished, out.num_cached_tokens
 
 
 class _EngineCore:
@@ -101,7 +101,6 @@ class _EngineCore:
         self.engine = engine
         self.conn = conn
         self.wanted: set[str] = set()
-        self.prompt_sent: set[str] = set()  # requests whose prompt went with an earlier output
         self.stopping = False
 
     def serve(self) -> None:
@@ -121,16 +120,9 @@ class _EngineCore:
             raise
 
     def _encode(self, outputs: list) -> list[tuple]:
-        wire = []
         for out in outputs:
-            request_id = out.request_id
-            self.wanted.discard(request_id)
-            wire.append(encode_output(out, with_prompt=request_id not in self.prompt_sent))
-            if out.finished:
-                self.prompt_sent.discard(request_id)
-            else:
-                self.prompt_sent.add(request_id)
-        return wire
+            self.wanted.discard(out.request_id)
+        return [encode_delta(out) for out in outputs]
 
     def _handle_commands(self, block: bool) -> None:
         while self.conn.poll(None if block else 0):
@@ -161,7 +153,6 @@ class _EngineCore:
             return None
         if kind == "abort":
             self.wanted.discard(args[0])
-            self.prompt_sent.discard(args[0])
             self.engine.abort(args[0])
             return None
         if kind == "stats":

@@ -145,6 +145,10 @@ class RolloutConfig(BaseModel):
     max_error_rate: float = Field(default=0.03, ge=0, lt=1)  # above it: rolled back
     window_s: float = Field(default=300.0, gt=0)  # judged this long, then promoted
     min_requests: int = Field(default=20, ge=1)  # canary requests needed for a decision
+    # At the window's end: rolled back if its median TTFT is above the old version's times
+    # this and by more than `ttft_tolerance_s` (None: TTFT is not judged).
+    max_ttft_ratio: float | None = Field(default=1.5, ge=1)
+    ttft_tolerance_s: float = Field(default=0.05, ge=0)
 
 
 CacheScope = Literal["key", "global"]

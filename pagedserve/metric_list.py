@@ -28,8 +28,9 @@ FEATURES = {RESPONSE_CACHE: "the response cache (`cache:`)", API_KEYS: "an API k
 @dataclass(frozen=True)
 class Metric:
     """One exported metric. `source`: the process that records it (ingress, router, replica,
-    autoscaler). `on_http`: the ingress's `/metrics` renders it too. `needs`: a feature that
-    must be configured before it has values."""
+    autoscaler). `on_http`: the ingress's own registry has it too, so `/metrics` serves it
+    without the `ray_` prefix as well (every metric is there under its `exported` name, from
+    the nodes' Ray exports). `needs`: a feature that must be configured before it has values."""
 
     name: str
     kind: str
@@ -48,7 +49,7 @@ class Metric:
 
     @property
     def http_name(self) -> str:
-        """The series name on the ingress's `/metrics` (no `ray_` prefix)."""
+        """The series name of the ingress's own registry on `/metrics` (no `ray_` prefix)."""
         return self.exported.removeprefix("ray_")
 
 

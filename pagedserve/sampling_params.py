@@ -10,6 +10,35 @@ MAX_LOGIT_BIAS_TOKENS = 1024
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar every completion follows: exactly one of a JSON schema (JSON text), any JSON
+    object, a regular expression, or one string of `choice`."""
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    strict: bool = True  # with `json_schema`: no properties beyond the schema's
+
+    def __post_init__(self) -> None:
+        given = [self.json_schema is not None, self.json_object, self.regex is not None,
+                 self.choice is not None]
+        _check(sum(given) == 1, "structured",
+               "needs exactly one of json_schema, json_object, regex or choice")
+        _check(self.json_schema is None or (isinstance(self.json_schema, str)
+                                            and _is_json_object_text(self.json_schema)),
+               "structured", "json_schema must be the text of a JSON object")
+        _check(self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+               "structured", "regex must be a non-empty string")
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice) if isinstance(
+                self.choice, list | tuple) else self.choice)
+            _check(isinstance(self.choice, tuple) and bool(self.choice)
+                   and all(isinstance(c, str) and c for c in self.choice),
+                   "structured", "choice must be a non-empty list of non-empty strings")
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completions.
@@ -37,6 +66,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # token id -> a number added to its logit before sampling (log-probs stay the model's own)
     logit_bias: dict[int, float] | None = None
+    structured: StructuredOutput | None = None  # constrained decoding (JSON, regex, choice)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +77,8 @@ class SamplingParams:
             self.top_k = 0
         self._validate()
         self._validate_logit_bias()
+        _check(self.structured is None or isinstance(self.structured, StructuredOutput),
+               "structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
         self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
 
     @property
@@ -100,6 +132,15 @@ class SamplingParams:
             _check(_is_num(value) and abs(value) <= LOGIT_BIAS_RANGE, "logit_bias",
                    f"values must be numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
                    f"got {value!r} for token {token}")
+
+
+def _is_json_object_text(text: str) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _as_list(value: object, field_name: str) -> list:

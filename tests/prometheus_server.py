@@ -1,5 +1,6 @@
 """A real Prometheus server (the Debian `prometheus` package) for tests: a free port, a scrape
-config for the given targets every second, its data in a temporary directory."""
+config for the given targets every second (with a bearer token where given), its data in a
+temporary directory."""
 
 from __future__ import annotations
 
@@ -36,16 +37,20 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def prometheus(targets: list[str], workdir: Path) -> Iterator[Prometheus]:
-    """Prometheus scraping `targets` (host:port) every second, ready; stopped after."""
+def prometheus(targets: list[str], workdir: Path,
+               bearer_token: str | None = None) -> Iterator[Prometheus]:
+    """Prometheus scraping `targets` (host:port, path /metrics) every second, ready; stopped
+    after. `bearer_token`: sent as `Authorization: Bearer ...` on every scrape."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("the prometheus binary is missing: apt-get install -y prometheus")
     port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
+    auth = f"    authorization: {{credentials: {bearer_token!r}}}\n" if bearer_token else ""
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
+        f"scrape_configs:\n  - job_name: ray\n{auth}    static_configs:\n"
         f"      - targets: {targets!r}\n")
     log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(

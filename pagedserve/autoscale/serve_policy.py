@@ -4,6 +4,12 @@ Serve constructs `ReplicaAutoscalingPolicy(**policy_kwargs)` once in its control
 every control-loop tick with an `AutoscalingContext`. The signals come from the replicas'
 `record_autoscaling_stats` (averaged by Serve over `look_back_period_s`); each replica also relays
 the router queue's depth and oldest wait, which it learns with every capacity report.
+
+While a rollout runs, both model versions' deployments are autoscaled, fixed-size ones too
+(`FixedUntilRetired`): once the router tells a version's replicas that it lost the rollout,
+their policy asks Serve for 0 replicas, which stops them after their streams end (Serve's
+graceful shutdown), so the cluster stops paying for the loser. Serve's own minimum is then 0;
+the policies keep the warm minimum themselves.
 """
 
 from __future__ import annotations
@@ -27,8 +33,41 @@ ROUTER_QUEUE_LEN = "router_queue_len"
 ROUTER_OLDEST_WAIT_S = "router_oldest_wait_s"
 RECENT_TTFT_S = "recent_ttft_s"
 PARKED = "parked"  # 1 while the router keeps the replica parked
+RETIRED = "retired"  # 1 once the router said this replica's model version lost a rollout
 
 _STATE_KEY = "pagedserve"
+_RETIRED_KEY = "retired"
+
+
+def retired(ctx) -> bool:
+    """Whether the deployment's version lost a rollout: for good once a replica said so (a
+    deployment at 0 replicas sends no metrics)."""
+    if (ctx.policy_state or {}).get(_RETIRED_KEY):
+        return True
+    reported = ((ctx.aggregated_metrics or {}).get(RETIRED) or {}).values()
+    return any(float(v) > 0 for v in reported)
+
+
+def _retire(ctx) -> tuple[int, dict] | None:
+    """`(0 replicas, state)` once the deployment's version lost a rollout, else None."""
+    if not retired(ctx):
+        return None
+    state = dict(ctx.policy_state or {})
+    if not state.get(_RETIRED_KEY):
+        logger.info("rollout: this model version lost; its %d replicas drain and stop",
+                    int(ctx.current_num_replicas))
+    return 0, {**state, _RETIRED_KEY: True}
+
+
+class FixedUntilRetired:
+    """Callable Serve policy of a fixed-size deployment in a rollout: `num_replicas`, and 0
+    once its model version lost the rollout."""
+
+    def __init__(self, num_replicas: int) -> None:
+        self.num_replicas = num_replicas
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        return _retire(ctx) or (self.num_replicas, dict(ctx.policy_state or {}))
 
 
 class ReplicaAutoscalingPolicy:
@@ -42,7 +81,10 @@ class ReplicaAutoscalingPolicy:
         self._scale_events = serve_metric("scale_events")  # recorded in Serve's controller
 
     def __call__(self, ctx) -> tuple[int, dict]:
-        """Decide the serving replicas; ask Serve for those plus the parked ones."""
+        """Decide the serving replicas; ask Serve for those plus the parked ones (none once
+        this deployment's model version lost a rollout)."""
+        if (decision := _retire(ctx)) is not None:
+            return decision
         stored = dict((ctx.policy_state or {}).get(_STATE_KEY) or {})
         serving_target = stored.pop("serving_target", None)
         signals = signals_from_context(ctx, self.running_per_replica, self.parked, serving_target)
@@ -93,16 +135,17 @@ def signals_from_context(ctx, running_per_replica: int, parked: int = 0,
 
 
 def serve_autoscaling_config(config: AutoscaleConfig, running_per_replica: int,
-                             parked: int = 0) -> dict:
+                             parked: int = 0, retirable: bool = False) -> dict:
     """The `autoscaling_config` of the replica deployment: our policy, with Serve's own delays
-    off (the policy does its own hysteresis). Serve's bounds count the parked replicas too."""
+    off (the policy does its own hysteresis). Serve's bounds count the parked replicas too.
+    `retirable`: a rollout may retire it, so Serve's minimum is 0 (the policy keeps its own)."""
     # `running_per_replica` is resolved here: left out of the YAML it is None, and a None
     # passed on would override the engine's value.
     kwargs = config.model_dump(exclude={"graceful_shutdown_timeout_s", "membership_poll_s",
                                         "running_per_replica"})
     running_per_replica = config.running_per_replica or running_per_replica
     return {
-        "min_replicas": config.min_replicas + parked,
+        "min_replicas": 0 if retirable else config.min_replicas + parked,
         "initial_replicas": max(1, config.min_replicas) + parked,
         "max_replicas": config.max_replicas + parked,
         "upscale_delay_s": 0.0,
@@ -114,4 +157,20 @@ def serve_autoscaling_config(config: AutoscaleConfig, running_per_replica: int,
             "policy_kwargs": {"running_per_replica": running_per_replica, "parked": parked,
                               **kwargs},
         },
+    }
+
+
+def fixed_until_retired_config(num_replicas: int) -> dict:
+    """The `autoscaling_config` of a fixed-size deployment in a rollout (`FixedUntilRetired`)."""
+    timing = AutoscaleConfig()  # how fast the replicas' retired flag reaches the policy
+    return {
+        "min_replicas": 0,
+        "initial_replicas": num_replicas,
+        "max_replicas": num_replicas,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "look_back_period_s": timing.look_back_period_s,
+        "metrics_interval_s": timing.metrics_interval_s,
+        "policy": {"policy_function": f"{__name__}:{FixedUntilRetired.__name__}",
+                   "policy_kwargs": {"num_replicas": num_replicas}},
     }

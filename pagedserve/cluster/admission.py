@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pagedserve.cluster.parking import Parking
 from pagedserve.config import RouterConfig
@@ -166,6 +166,12 @@ class AdmissionQueue:
             raise QueueFullError(f"{len(self._waiting)} requests are queued already")
         self._waiting[request.request_id] = (request, self.clock())
         heapq.heappush(self._heap, (request.priority, next(self._order), request.request_id))
+
+    def retarget(self, from_version: str, to_version: str) -> None:
+        """Queued requests for replicas of `from_version` wait for `to_version`'s instead."""
+        for request_id, (request, since) in self._waiting.items():
+            if request.version == from_version:
+                self._waiting[request_id] = (replace(request, version=to_version), since)
 
     def cancel(self, request_id: str) -> None:
         """Forget a queued request (its client went away); the heap entry is skipped later."""

@@ -9,10 +9,13 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from pagedserve.autoscale.serve_policy import serve_autoscaling_config
+from pagedserve.autoscale.serve_policy import (
+    fixed_until_retired_config,
+    serve_autoscaling_config,
+)
 from pagedserve.cluster.ingress import IngressDeployment
 from pagedserve.cluster.pinned_router import PinnedRequestRouter
-from pagedserve.cluster.rollout import CANARY
+from pagedserve.cluster.rollout import CANARY, versions_key
 from pagedserve.cluster.router import RouterDeployment
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.deployment import ReplicaDeployment
@@ -24,6 +27,7 @@ EXTRA_REPLICA_CALLS = 16  # stats and health calls beside generation streams
 REPLICA_DEPLOYMENT = "Replica"
 CANARY_DEPLOYMENT = "ReplicaCanary"  # a rollout's new model version
 GRACEFUL_WAIT_LOOP_S = 0.5  # how often a stopping replica checks that its streams have ended
+DRAIN_TIMEOUT_S = 60.0  # a stopping ingress's or fixed-size replica's streams end within this
 PARKED_HOLD_S = 30.0  # a fixed-size deployment parks an extra un-parked replica after this
 
 
@@ -43,11 +47,14 @@ def build_app(args: dict | None = None) -> Application:
     if config.rollout is not None:  # the new version (same tokenizer), its own engine config
         canary_config = config.model_copy(update={"engine": config.rollout.engine})
         canary = _replica_deployment(
-            canary_config, CANARY_DEPLOYMENT, {"num_replicas": config.rollout.num_replicas},
+            canary_config, CANARY_DEPLOYMENT, _fixed_count(config.rollout.num_replicas, True),
         ).bind(canary_config.model_dump(), router, CANARY)
     return serve.deployment(
         IngressDeployment, name="Ingress", num_replicas=config.num_ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options=_control_actor_options(config),
+        # A replaced ingress (a redeploy) stops once its streams ended, as replicas do.
+        graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+        graceful_shutdown_wait_loop_s=GRACEFUL_WAIT_LOOP_S,
     ).bind(as_dict, router, replicas, canary)
 
 
@@ -76,17 +83,26 @@ def _replica_deployment(config: ClusterConfig, name: str, count: dict):
 
 
 def _replica_count_options(config: ClusterConfig) -> dict:
-    """A fixed `num_replicas`, or our autoscaling policy with a drain long enough for streams."""
+    """A fixed `num_replicas`, or our autoscaling policy, each with a drain long enough for
+    streams. In a rollout, the losing version's deployment scales itself to 0 replicas."""
     autoscale = config.autoscaling
     parked = config.standby.parked
+    retirable = config.rollout is not None
     if autoscale is None:
-        return {"num_replicas": config.num_replicas + parked}
+        return _fixed_count(config.num_replicas + parked, retirable)
     return {
         "autoscaling_config": serve_autoscaling_config(autoscale, config.engine.max_num_seqs,
-                                                       parked),
+                                                       parked, retirable),
         "graceful_shutdown_timeout_s": autoscale.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": GRACEFUL_WAIT_LOOP_S,
     }
+
+
+def _fixed_count(num_replicas: int, retirable: bool) -> dict:
+    count = ({"autoscaling_config": fixed_until_retired_config(num_replicas)} if retirable
+             else {"num_replicas": num_replicas})
+    return {**count, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
+            "graceful_shutdown_wait_loop_s": GRACEFUL_WAIT_LOOP_S}
 
 
 def _router_extras(config: ClusterConfig) -> dict:
@@ -95,10 +111,15 @@ def _router_extras(config: ClusterConfig) -> dict:
     extras: dict = {"warm_prefixes": config.warm_prefixes.model_dump()}
     if config.rollout is not None:
         extras["rollout"] = config.rollout.model_dump(
-            include={"canary_share", "max_error_rate", "window_s", "min_requests"})
+            include={"canary_share", "max_error_rate", "window_s", "min_requests",
+                     "max_ttft_ratio", "ttft_tolerance_s"})
+        extras["rollout"]["key"] = versions_key(config.engine.model_dump(),
+                                                config.rollout.engine.model_dump())
+        extras["canary_deployment"] = CANARY_DEPLOYMENT
+    # Whom Serve stops (a scale-down, a redeploy, a rollout's loser): drained at once.
+    extras["replica_deployment"] = REPLICA_DEPLOYMENT
     autoscale = config.autoscaling
     if autoscale is not None:
-        extras["replica_deployment"] = REPLICA_DEPLOYMENT
         extras["membership_poll_s"] = autoscale.membership_poll_s
     if config.standby.parked:
         serving = max(1, autoscale.min_replicas) if autoscale else config.num_replicas

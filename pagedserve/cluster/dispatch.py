@@ -103,10 +103,11 @@ class Dispatcher:
         if self.hot_prefix_tokens and not failed:  # count each request once
             request["prefix_tokens"] = job.prompt_token_ids[:self.hot_prefix_tokens]
         admission = asyncio.ensure_future(self._admit_call(request))  # (replica, version)
+        wake = None
         try:
             done, _ = await asyncio.wait({admission}, timeout=WAKE_AFTER_S)
-            if not done:
-                await self._wake_if_no_replica()
+            if not done:  # beside the admission: a replica of another version may admit it
+                wake = asyncio.ensure_future(self._wake_if_no_replica())
             return await admission
         except QueueFullError as err:
             raise APIError.overloaded(self.retry_after_s, str(err)) from None
@@ -114,6 +115,8 @@ class Dispatcher:
             raise APIError.bad_request(_cause_message(err), "prompt") from None
         finally:
             admission.cancel()  # no-op once done; else the client left: leave the queue
+            if wake is not None:
+                wake.cancel()
 
     async def _admit_call(self, request: dict) -> tuple[str, str | None]:
         if self.canary_replicas is None:
@@ -149,7 +152,14 @@ class Dispatcher:
     async def _wake_if_no_replica(self) -> None:
         """With `min_replicas: 0` the deployment may have no replica: the request waits in the
         router, where Serve does not see it. A call queued on the replica handle does count for
-        Serve's autoscaler, which then starts a replica; the call returns once one is up."""
+        Serve's autoscaler, which then starts a replica; the call returns once one is up.
+        It runs beside the admission, which it must never fail: its errors are logged."""
+        try:
+            await self._wake()
+        except Exception as err:  # noqa: BLE001 (the admission goes on without it)
+            logger.warning("could not wake a replica: %r", err)
+
+    async def _wake(self) -> None:
         if await self.router.num_ready_replicas.remote() == 0:
             logger.info("no replica is running; waiting for one to start")
             started = time.monotonic()

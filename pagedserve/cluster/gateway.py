@@ -90,6 +90,7 @@ class Gateway:
         prepare = (self.service.prepare_chat if endpoint == "chat"
                    else self.service.prepare_completions)
         prepared = prepare(body)
+        await self.service.check_structured(prepared)
         ckey = self._cache_key(prepared, key)
         if ckey is not None:
             found = await self.cache.get(ckey)

@@ -1,7 +1,8 @@
 """The HTTP and handle front door: OpenAI routes on FastAPI inside a Serve deployment.
 
     POST /v1/chat/completions, POST /v1/completions (both with `stream: true` SSE),
-    GET /v1/models, /healthz (alive), /readyz (a warm replica exists), /metrics (Prometheus)
+    GET /v1/models, /v1/models/{id}, /healthz and /health (alive), /readyz (a warm replica
+    exists), /metrics (Prometheus)
 
 Python callers use the same logic through `serve.get_app_handle("pagedserve")`:
 `chat_completions(body)` / `completions(body)` return the response dict, or, when the body says
@@ -9,6 +10,7 @@ Python callers use the same logic through `serve.get_app_handle("pagedserve")`:
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type.
+import asyncio
 import json
 import logging
 import time
@@ -24,27 +26,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedserve.cluster.dispatch import Dispatcher
 from pagedserve.cluster.gateway import Answer, Gateway, served_model_id
 from pagedserve.cluster.metrics import IngressMetrics
+from pagedserve.cluster.node_exports import NodeExports
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_responses import models_list
 from pagedserve.cluster.openai_sse import SSE_DONE, sse_error, sse_event
+from pagedserve.cluster.request_body import parse_json_body
 from pagedserve.cluster.service import OpenAIService, load_model_info
 from pagedserve.config import ClusterConfig
 
 logger = logging.getLogger(__name__)
+OTHER_ROUTE = "other"  # the `endpoint` tag of a request to no route of ours
 api = FastAPI(title="pagedserve", docs_url=None, redoc_url=None)
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and methods get OpenAI-shaped errors too."""
+async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
+    """Unknown routes and methods get OpenAI-shaped errors too, counted like any other."""
     error = APIError(err.status_code, str(err.detail), "invalid_request_error")
-    return JSONResponse(error.to_dict(), status_code=err.status_code)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.count_request(err.status_code, endpoint=OTHER_ROUTE)
+    return _error_response(error)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    error = APIError.bad_request(f"invalid request: {err.errors()}")
-    return JSONResponse(error.to_dict(), status_code=400)
+async def _validation_error(request: Request, err: RequestValidationError) -> Response:
+    return _error_response(APIError.bad_request(f"invalid request: {err.errors()}"))
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -56,14 +63,14 @@ async def _read_json(request: Request, limit: int) -> object:
         body += part
         if len(body) > limit:
             raise APIError.too_large(f"request body exceeds the {limit}-byte limit")
-    try:
-        return json.loads(body)
-    except ValueError as err:
-        raise APIError.bad_request(f"request body is not valid JSON: {err}") from None
+    return parse_json_body(body)
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers())
+def _error_response(err: APIError) -> Response:
+    """The error as JSON with non-ASCII escaped: a message may quote the client's input, which
+    can hold lone surrogates that UTF-8 (Starlette's JSONResponse) cannot encode."""
+    return Response(json.dumps(err.to_dict()), status_code=err.status, headers=err.headers(),
+                    media_type="application/json")
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -88,6 +95,8 @@ class IngressDeployment:
         self.config = ClusterConfig(**config)
         self.router = router
         self.metrics = IngressMetrics()
+        self.node_exports = NodeExports()
+        api.state.metrics = self.metrics  # for the errors of routes that do not exist
         self.created = int(time.time())
         warm = self.config.warm_prefixes
         dispatcher = Dispatcher(router, replicas, self.config.engine.block_size,
@@ -116,13 +125,28 @@ class IngressDeployment:
 
     @api.get("/v1/models")
     async def http_models(self, request: Request) -> Response:
-        if (refused := await self._refused(request)) is not None:
+        if (refused := await self._refused(request, "models")) is not None:
             return refused
         return JSONResponse(models_list(self.service.models(), self.created))
+
+    @api.get("/v1/models/{model_id:path}")
+    async def http_model(self, model_id: str, request: Request) -> Response:
+        """One model (`models.retrieve`); an OpenAI-shaped 404 for a model not served."""
+        if (refused := await self._refused(request, "models")) is not None:
+            return refused
+        if model_id not in self.service.models():
+            self.metrics.count_request(404, endpoint="models")
+            return _error_response(APIError.model_not_found(model_id))
+        return JSONResponse(models_list([model_id], self.created)["data"][0])
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """vLLM's liveness route (load tools probe it first): 200, empty body."""
+        return Response(status_code=200)
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
@@ -132,28 +156,36 @@ class IngressDeployment:
 
     @api.get("/metrics")
     async def prometheus_metrics(self, request: Request) -> Response:
-        if (refused := await self._refused(request)) is not None:
+        if (refused := await self._refused(request, "metrics")) is not None:
             return refused
-        stats = await self.router.stats.remote()
-        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+        stats, cluster = await asyncio.gather(self.router.stats.remote(),
+                                              self.node_exports.families())
+        notes = [f"not answering, skipped: {url}" for url in sorted(self.node_exports.failing)]
+        return Response(self.metrics.render(stats, cluster, notes), media_type=CONTENT_TYPE_LATEST)
 
-    async def _refused(self, request: Request) -> Response | None:
-        """The 401/429 response for a caller the gateway refuses, else None."""
+    async def _refused(self, request: Request, endpoint: str) -> Response | None:
+        """The 401/429 response for a caller the gateway refuses (counted), else None."""
         try:
             await self.gateway.authenticate(request.headers)
         except APIError as err:
+            self.metrics.count_request(err.status, endpoint=endpoint)
             return _error_response(err)
         return None
 
     async def _http(self, request: Request, endpoint: str) -> Response:
-        try:
+        try:  # errors before the body is parsed are counted here, later ones by the service
             key = await self.gateway.authenticate(request.headers)
             body = await _read_json(request, self.config.max_request_bytes)
+        except APIError as err:
+            self.metrics.count_request(err.status, endpoint=endpoint)
+            return _error_response(err)
+        try:
             answer: Answer = await self.gateway.answer(endpoint, body, key)
         except APIError as err:
             return _error_response(err)
         except Exception:
             logger.exception("request failed")
+            self.metrics.count_request(500, endpoint=endpoint)
             return _error_response(APIError.server_error())
         if isinstance(answer.result, dict):
             return JSONResponse(answer.result, headers=answer.headers())

@@ -1,16 +1,21 @@
 """Request metrics of the ingress, exported twice, both from `pagedserve.metric_list`.
 
 Through `ray.serve.metrics` they reach the Ray dashboard and Ray's Prometheus export (with a
-`ray_` prefix and deployment/replica tags). `/metrics` on the ingress also renders them in
-Prometheus text, together with the router's cluster-wide view (queue, replicas by state, each
-replica's batch and KV blocks), so a scraper pointed at the HTTP endpoint alone sees the service.
-The replicas' counters (prefix cache, steps, start-up) are in Ray's export only.
+`ray_` prefix and deployment/replica tags). `/metrics` on the ingress serves, in Prometheus text,
+every `ray_pagedserve_*` family of the cluster's Ray exports (`node_exports.py`; the same names,
+so the dashboard's queries work against either), and beside them this ingress's own registry
+without the prefix: its request metrics up to the moment and the router's live view (queue,
+replicas by state, each replica's batch and KV blocks).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterable
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric as Family
+
+from pagedserve.cluster.metrics_merge import merge_families, render
 from pagedserve.metric_list import METRICS, Metric, serve_metrics_for
 
 _PROM_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
@@ -48,8 +53,10 @@ class IngressMetrics:
             self._prom["generated_tokens"].inc(tokens)
             self._serve["generated_tokens"].inc(tokens)
 
-    def render(self, router_stats: dict | None) -> bytes:
-        """Prometheus text: this ingress's request metrics plus the router's cluster view."""
+    def render(self, router_stats: dict | None, cluster: Iterable[Family] = (),
+               notes: Iterable[str] = ()) -> bytes:
+        """Prometheus text: this ingress's request metrics, the router's cluster view, and the
+        `cluster` families (the nodes' Ray exports), each family once; `notes` as comments."""
         if router_stats is not None:
             self._prom["router_queue_len"].set(router_stats["queue_len"])
             self._prom["router_oldest_wait_s"].set(router_stats["oldest_wait_s"])
@@ -60,4 +67,4 @@ class IngressMetrics:
             for rid, rep in router_stats["replicas"].items():
                 for key, field in _REPLICA_FIELDS.items():
                     self._prom[key].labels(replica=rid).set(rep[field])
-        return generate_latest(self.registry)
+        return render(merge_families(self.registry.collect(), cluster), notes)

@@ -29,6 +29,29 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema every answer must follow."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object with a 'schema'")
+        return self
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by chat and completions requests, OpenAI's and vLLM's extras."""
 
@@ -56,6 +79,10 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[NonNegativeInt] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's structured-output extras (chat requests also take `response_format`)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -88,6 +115,14 @@ class _SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise APIError.bad_request(
                 "stream_options is only allowed when stream is true.", "stream_options")
+        asked = [name for name in self.structured_fields() if getattr(self, name) is not None]
+        if len(asked) > 1:
+            raise APIError.bad_request(
+                f"at most one of {', '.join(asked)} may be given.", asked[1])
+
+    def structured_fields(self) -> tuple[str, ...]:
+        """The fields that ask for structured output, in this request kind."""
+        return ("guided_json", "guided_regex", "guided_choice")
 
 
 def _is_token_id_key(key: Any) -> bool:
@@ -147,7 +182,13 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+
+    def structured_fields(self) -> tuple[str, ...]:
+        fields = super().structured_fields()
+        if self.response_format is not None and self.response_format.type != "text":
+            return ("response_format", *fields)
+        return fields
 
     def check(self) -> None:
         """Rules across fields; raises APIError 400."""
@@ -157,9 +198,6 @@ class ChatCompletionRequest(_SamplingFields):
                                        "top_logprobs")
         if self.tools and self.tool_choice != "none":
             raise APIError.bad_request("tool calling is not supported.", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError.bad_request("only the 'text' response_format is supported.",
-                                       "response_format")
 
 
 class CompletionRequest(_SamplingFields):

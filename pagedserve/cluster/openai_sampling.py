@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_requests import ChatCompletionRequest, CompletionRequest
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutput
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -61,7 +62,41 @@ def _fields(request: OpenAIRequest) -> dict:
         skip_special_tokens=given(request.skip_special_tokens, True),
         logit_bias={int(k): v for k, v in request.logit_bias.items()} if request.logit_bias
         else None,
+        structured=structured_output(request),
     )
+
+
+def structured_output(request: OpenAIRequest) -> StructuredOutput | None:
+    """The grammar the request asks for (`response_format`, or vLLM's `guided_*`), if any."""
+    fmt = getattr(request, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        return StructuredOutput(json_object=True)
+    if fmt is not None and fmt.type == "json_schema":
+        return StructuredOutput(json_schema=json.dumps(fmt.json_schema.schema_, sort_keys=True),
+                                strict=fmt.json_schema.strict is not False)
+    if request.guided_json is not None:
+        schema = request.guided_json
+        try:
+            text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+            return StructuredOutput(json_schema=text)
+        except ValueError as err:
+            raise APIError.bad_request(f"Invalid 'guided_json': {_plain(err)}.",
+                                       "guided_json") from None
+    if request.guided_regex is not None:
+        return StructuredOutput(regex=request.guided_regex)
+    if request.guided_choice is not None:
+        return StructuredOutput(choice=tuple(request.guided_choice))
+    return None
+
+
+def structured_param(request: OpenAIRequest) -> str | None:
+    """The request field that asked for structured output (for its errors)."""
+    asked = [f for f in request.structured_fields() if getattr(request, f) is not None]
+    return asked[0] if asked else None
+
+
+def _plain(err: ValueError) -> str:
+    return _FIELD_IN_MESSAGE.sub("", str(err))
 
 
 def _max_tokens_param(request: OpenAIRequest) -> str:

@@ -16,5 +16,6 @@ def sse_event(obj: dict) -> str:
 
 def sse_error(err: APIError) -> str:
     """An error after the stream started (the status line is already sent): an event whose
-    data is the error object, which OpenAI SDKs raise. Follow it with `SSE_DONE`."""
-    return sse_event(err.to_dict())
+    data is the error object, which OpenAI SDKs raise. Follow it with `SSE_DONE`. Non-ASCII is
+    escaped: a message may quote client input holding lone surrogates, which UTF-8 refuses."""
+    return f"data: {json.dumps(err.to_dict(), separators=(',', ':'))}\n\n"

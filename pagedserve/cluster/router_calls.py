@@ -5,6 +5,11 @@ replica's capacity from their next reports; what the old one held is gone. So a 
 waited in it for admission is submitted again, to the new router: its client sees a longer
 wait, not an error. Notices that only updated the old router's state (a release, a failed
 replica) are dropped: the new router never knew what they refer to.
+
+A router that Serve replaces (a redeploy) is alive but gets no more capacity reports, so it
+could never admit what it holds: it answers each such call with `ROUTER_REPLACED`, and those
+are submitted again to its successor too. (An answer, not an exception: Serve logs every
+exception a call raises, with its traceback, and this is no error.)
 """
 
 from __future__ import annotations
@@ -19,17 +24,26 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 logger = logging.getLogger(__name__)
 
 ROUTER_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+ROUTER_REPLACED = "router-replaced"  # a router's answer: submit the call to its successor
 ROUTER_RESTART_WAIT_S = 60.0  # Serve notices a dead replica at its next health check
 RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0)  # then every second
 
 
 async def call_router(method, *args, wait_s: float = ROUTER_RESTART_WAIT_S):
-    """`await method.remote(*args)`, submitted again while the router is gone, for `wait_s` at
-    most; raises the router's last error after that. The router's own errors pass through."""
+    """`await method.remote(*args)`, submitted again while the router is gone or answers
+    `ROUTER_REPLACED`, for `wait_s` at most; raises the router's last error after that. The
+    router's own errors pass through."""
     deadline = time.monotonic() + wait_s
     for attempt in itertools.count():
         try:
-            return await method.remote(*args)
+            answer = await method.remote(*args)
+            if answer != ROUTER_REPLACED:
+                return answer
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"the router was replaced and no successor answered within "
+                                   f"{wait_s:.0f} s")
+            if attempt == 0:
+                logger.info("the router is being replaced; submitting again to its successor")
         except ROUTER_GONE as err:
             if time.monotonic() >= deadline:
                 raise

@@ -25,8 +25,9 @@ from pagedserve.cluster.openai_requests import (
     parse_completion_request,
 )
 from pagedserve.cluster.openai_responses import ChatResponseBuilder, CompletionResponseBuilder
-from pagedserve.cluster.openai_sampling import to_sampling_params
+from pagedserve.cluster.openai_sampling import structured_param, to_sampling_params
 from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
+from pagedserve.cluster.request_body import unicode_fault
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.replicas.models.model_files import load_model_files
@@ -96,12 +97,38 @@ class OpenAIService:
         self.model = model
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self._grammars = None  # structured outputs: built at the first such request
 
     async def chat_completions(self, body: object) -> dict | AsyncIterator[dict]:
-        return await self.respond(self.prepare_chat(body))
+        prepared = self.prepare_chat(body)
+        await self.check_structured(prepared)
+        return await self.respond(prepared)
 
     async def completions(self, body: object) -> dict | AsyncIterator[dict]:
-        return await self.respond(self.prepare_completions(body))
+        prepared = self.prepare_completions(body)
+        await self.check_structured(prepared)
+        return await self.respond(prepared)
+
+    async def check_structured(self, prepared: Prepared) -> None:
+        """APIError 400 naming the field when the requested grammar does not compile, so a
+        bad schema never reaches a replica. The grammar library (and torch) load on the first
+        structured request, in a thread; compiled grammars are cached."""
+        spec = prepared.jobs[0].params.structured
+        if spec is None:
+            return
+        with self._counting_errors(prepared.endpoint):
+            try:
+                await asyncio.to_thread(self._grammar_check, spec)
+            except ValueError as err:
+                raise APIError.bad_request(f"Invalid '{structured_param(prepared.request)}': "
+                                           f"{err}.", structured_param(prepared.request)) from None
+
+    def _grammar_check(self, spec) -> None:
+        if self._grammars is None:
+            from pagedserve.replicas.engine.structured import Grammars
+
+            self._grammars = Grammars(self.model.tokenizer, self.model.vocab_size)
+        self._grammars.matcher(spec)
 
     def prepare_chat(self, body: object) -> Prepared:
         """Validate and tokenize a chat request (APIError 400 on a bad one)."""
@@ -200,6 +227,11 @@ class OpenAIService:
 
     def _params(self, request, prompt_token_ids: list[int]):
         params = to_sampling_params(request, self.model.max_model_len, len(prompt_token_ids))
+        outside = [t for t in params.logit_bias or {} if t >= self.model.vocab_size]
+        if outside:
+            raise APIError.bad_request(
+                f"Invalid 'logit_bias': token id {outside[0]} is outside the vocabulary (size "
+                f"{self.model.vocab_size}).", "logit_bias")
         limit = self.config.max_tokens_limit
         if limit is not None and params.max_tokens is not None and params.max_tokens > limit:
             raise APIError.bad_request(
@@ -215,6 +247,9 @@ class OpenAIService:
                 raise APIError.bad_request(
                     f"token id {bad[0]} is outside the vocabulary (size {vocab})", "prompt")
             return prompt
+        if (fault := unicode_fault(prompt)) is not None:  # from a handle call: HTTP checked it
+            raise APIError.bad_request(f"Invalid 'prompt': not valid Unicode ({fault}).",
+                                       "prompt")
         token_ids = self.model.tokenizer.encode(prompt)
         if not token_ids:
             raise APIError.bad_request("prompt encodes to no tokens", "prompt")

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 HASH_REPORT_PERIOD_S = 0.5  # prefix summaries change slowly; capacity is sent more often
 HEARTBEAT_S = 1.0
 TTFT_WINDOW_S = 10.0  # "recent" TTFT for the autoscaler
+DEREGISTER_TIMEOUT_S = 2.0  # a stopping replica's last word to the router
 _IMPORTED_AT = time.perf_counter()
 
 
@@ -56,6 +57,8 @@ class ReplicaDeployment:
         self.replica_id = context.replica_id.unique_id
         # Parked until the router says otherwise, when the deployment keeps parked replicas.
         self.parked = self.config.standby.parked > 0
+        self.retired = False  # the router says this version lost a rollout
+        self.rollout: dict | None = None  # a rollout's decision, kept for the next router
         self.stopping = False
         self.ranks = None
         if self.config.engine.tensor_parallel_size > 1:
@@ -143,6 +146,7 @@ class ReplicaDeployment:
             sp.ROUTER_OLDEST_WAIT_S: float(self._router_view["oldest_wait_s"]),
             sp.RECENT_TTFT_S: max((t for when, t in self._ttfts if when >= recent), default=0.0),
             sp.PARKED: 1.0 if self.parked else 0.0,
+            sp.RETIRED: 1.0 if self.retired else 0.0,
         }
 
     async def drain(self) -> None:
@@ -155,8 +159,11 @@ class ReplicaDeployment:
         self.draining = self.stopping = True
         if (reporter := getattr(self, "_reporter", None)) is not None:
             reporter.cancel()
-            with contextlib.suppress(Exception):  # the router may be gone already at shutdown
-                await self.router.deregister.remote(self.replica_id)
+            # The router may be gone already (the app is being deleted): a call to a
+            # deployment without replicas waits for one, so it is bounded.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.router.deregister.remote(self.replica_id),
+                                       DEREGISTER_TIMEOUT_S)
         if (engine := getattr(self, "engine", None)) is not None:
             await engine.shutdown()
         if (ranks := getattr(self, "ranks", None)) is not None:
@@ -250,6 +257,7 @@ class ReplicaDeployment:
             "block_hashes": hashes,
             "draining": self.draining,
             "version": self.version,
+            "rollout": self.rollout,
         }
         try:
             view = await self.router.report.remote(report)
@@ -259,3 +267,5 @@ class ReplicaDeployment:
         if isinstance(view, dict):  # the router's queue, relayed to the autoscaler
             self._router_view = view
             self.parked = bool(view.get("parked", False))
+            self.retired = bool(view.get("retired", False))
+            self.rollout = view.get("rollout") or self.rollout  # a decision is for good

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
+from pagedserve.replicas.models.default_model import default_model_dir
 from tests.integration.conftest import ENV, REPO
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -46,6 +48,10 @@ BAD_INPUTS = [
     ("logprobs too high", {**GOOD, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     ("usage without stream", {**GOOD, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
+    ("logit_bias outside the vocabulary", {**GOOD, "logit_bias": {"99999999": 5}}, 400,
+     "logit_bias"),
+    ("logit_bias not a token id", {**GOOD, "logit_bias": {"hello": 5}}, 400, "logit_bias"),
+    ("logit_bias above 100", {**GOOD, "logit_bias": {"42": 101}}, 400, "logit_bias"),
 ]
 
 
@@ -58,18 +64,47 @@ def test_bad_chat_input_gets_an_openai_error(server, name, body, status, param):
     assert error["param"] == param and error["message"]
 
 
+def test_logit_bias_forces_and_bans_tokens(server):
+    greedy = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3,
+              "temperature": 0}
+
+    def tokens(**extra) -> list[str]:
+        response = httpx.post(f"{server}/v1/completions", json={**greedy, **extra,
+                                                                "logprobs": 0}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["logprobs"]["tokens"]
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(progress=False))
+    plain = tokens()
+    forced = tokens(logit_bias={"42": 100})
+    assert forced == [tokenizer.decode([42])] * 3
+    # ban every token of the plain answer: its first token changes
+    banned = {i for t in plain for i in tokenizer.encode(t, add_special_tokens=False)}
+    assert tokens(logit_bias={str(i): -100 for i in banned})[0] != plain[0]
+
+
 @pytest.mark.parametrize("body,status", [
     (b"{not json", 400),
     (b"[1, 2]", 400),
     (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400),
     (json.dumps({"model": MODEL, "prompt": [-5]}).encode(), 400),
     (json.dumps({"model": MODEL, "prompt": [10**9]}).encode(), 400),
+    # once 500s: a lone surrogate in a prompt or a model name, hostile nesting
+    (b'{"model": "' + MODEL.encode() + b'", "prompt": "a\\udc00b"}', 400),
+    (b'{"model": "\\ud800", "prompt": "Hi"}', 400),
+    (b'{"model": "m", "prompt": "Hi", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400),
+    (b'{"model": "m", "prompt": ' + b"[" * 3_000 + b"1" + b"]" * 3_000 + b"}", 400),
 ])
 def test_bad_completion_bodies(server, body, status):
     response = httpx.post(f"{server}/v1/completions", content=body,
                           headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == status, response.text
     assert "error" in response.json()
+
+
+def test_vllms_health_route_answers_200(server):
+    response = httpx.get(f"{server}/health", timeout=10)
+    assert response.status_code == 200 and response.content == b""
 
 
 def test_oversized_body_is_413_and_unknown_route_is_openai_shaped(server):
@@ -88,6 +123,32 @@ def test_health_ready_and_metrics(server):
     for name in ("pagedserve_ttft_s_bucket", "pagedserve_router_queue_len",
                  "pagedserve_replica_free_blocks", "pagedserve_requests_total"):
         assert name in metrics
+
+
+def _requests_by_status(server: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pagedserve_requests_total":
+                status = sample.labels["status"]
+                counts[status] = counts.get(status, 0.0) + sample.value
+    return counts
+
+
+def test_metrics_count_a_413_a_404_and_a_400_after_they_happen(server):
+    before = _requests_by_status(server)
+    huge = {**GOOD, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    assert httpx.post(f"{server}{CHAT}", json=huge, timeout=60).status_code == 413
+    assert httpx.get(f"{server}/v1/nothing", timeout=10).status_code == 404
+    assert httpx.get(f"{server}/v1/models/gpt-9", timeout=10).status_code == 404
+    assert httpx.post(f"{server}{CHAT}", json={**GOOD, "n": 0}, timeout=60).status_code == 400
+    assert httpx.post(f"{server}{CHAT}", content=b"{no", timeout=60).status_code == 400
+    after = _requests_by_status(server)
+    rose = {s: after.get(s, 0.0) - before.get(s, 0.0) for s in ("413", "404", "400")}
+    assert rose == {"413": 1.0, "404": 2.0, "400": 2.0}, (before, after)
 
 
 def test_replica_keeps_serving_after_bad_input(server):

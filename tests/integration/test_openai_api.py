@@ -1,5 +1,7 @@
 """The official openai client against `serve run ray_configs/local.yaml`."""
 
+import json
+
 import pytest
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -11,6 +13,16 @@ pytestmark = pytest.mark.integration
 def test_models_list(openai_client):
     models = openai_client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def test_models_retrieve_and_an_unknown_model_is_404(openai_client):
+    import openai
+
+    model = openai_client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "pagedserve")
+    with pytest.raises(openai.NotFoundError) as err:
+        openai_client.models.retrieve("gpt-9")
+    assert err.value.body["code"] == "model_not_found"
 
 
 def test_chat_completion_answers(openai_client):
@@ -59,3 +71,61 @@ def test_completion_from_token_ids_with_logprobs(openai_client):
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 4
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
     assert all(len(top) >= 2 for top in logprobs.top_logprobs)
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 20},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "age"], "additionalProperties": False}
+DESCRIBE = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+def _json_schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
+                                                   "strict": True}}
+
+
+def test_json_schema_answers_parse_and_validate_also_streamed(openai_client):
+    import jsonschema
+
+    fmt = _json_schema_format(PERSON)
+    unary = openai_client.chat.completions.create(
+        model=MODEL, messages=DESCRIBE, temperature=0, max_tokens=100, response_format=fmt)
+    jsonschema.validate(json.loads(unary.choices[0].message.content), PERSON)
+    stream = openai_client.chat.completions.create(
+        model=MODEL, messages=DESCRIBE, temperature=0, max_tokens=100, response_format=fmt,
+        stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == unary.choices[0].message.content
+
+
+def test_the_sdks_parse_returns_the_typed_object(openai_client):
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=120)
+
+    reply = openai_client.chat.completions.parse(
+        model=MODEL, messages=DESCRIBE, temperature=0, max_tokens=100, response_format=Person)
+    person = reply.choices[0].message.parsed
+    assert isinstance(person, Person) and 0 <= person.age <= 120
+
+
+def test_json_object_parses(openai_client):
+    reply = openai_client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=200, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Reply with a JSON object with the keys city and "
+                                              "country for Paris."}])
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_a_schema_that_does_not_compile_is_a_400_naming_response_format(openai_client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(
+            model=MODEL, messages=DESCRIBE, max_tokens=10,
+            response_format=_json_schema_format({"type": "strin"}))
+    assert err.value.body["param"] == "response_format"
+    assert "does not compile" in err.value.body["message"]

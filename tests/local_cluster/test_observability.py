@@ -2,11 +2,11 @@
 
 After traffic that queues (so the autoscaler scales up), preempts (a small KV cache), hits the
 prefix cache, fails (an unknown model) and, where the response cache exists, hits it: every
-metric of the metric list is in Ray's Prometheus export, the ingress's `/metrics` has its share,
-a real Prometheus scraping the cluster returns data for every panel query of the generated
-Grafana dashboard, and headless Chromium shows the three deployments on the dashboard's Serve
-page (and saves a screenshot). `pagedserve chat` and `pagedserve bench serving` run against the
-same server.
+metric of the metric list is in Ray's Prometheus export and, cluster-wide under the same names,
+in the ingress's `/metrics`; a real Prometheus scraping the cluster returns data for every panel
+query of the generated Grafana dashboard, and headless Chromium shows the three deployments on
+the dashboard's Serve page (and saves a screenshot). `pagedserve chat` and `pagedserve bench
+serving` run against the same server.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,12 @@ def cluster(tmp_path_factory):
                          _metrics_export_port=ports["metrics"]):
         serve.start(http_options={"host": "127.0.0.1", "port": ports["http"]})
         serve.run(build_app(_args(model)), name=APP_NAME, route_prefix="/")
-        with prometheus([f"127.0.0.1:{ports['metrics']}"], root) as prom:
-            yield {"base_url": f"http://127.0.0.1:{ports['http']}", "prometheus": prom,
+        # One Prometheus scrapes Ray's export, the other only the ingress's /metrics.
+        with (prometheus([f"127.0.0.1:{ports['metrics']}"], root / "ray-export") as prom,
+              prometheus([f"127.0.0.1:{ports['http']}"], root / "ingress",
+                         bearer_token=API_KEY if HAS_AUTH else None) as ingress_prom):
+            yield {"base_url": f"http://127.0.0.1:{ports['http']}",
+                   "prometheus": {"ray_export": prom, "ingress": ingress_prom},
                    "export_url": f"http://127.0.0.1:{ports['metrics']}/metrics",
                    "dashboard_url": f"http://127.0.0.1:{ports['dashboard']}", "root": root,
                    "logs": Path(ray._private.worker.global_worker.node.get_logs_dir_path())}
@@ -147,11 +152,14 @@ def _skip_unconfigured(feature: str, what: list[str]) -> None:
         pytest.skip(f"{UNCONFIGURED[feature]}; not checked: {', '.join(what)}")
 
 
-def _missing_from_export(export_url: str, metrics) -> list[str]:
-    """Names of `metrics` not in Ray's export, waiting for the export's next rounds."""
+def _missing_from_export(export_url: str, metrics, headers=None) -> list[str]:
+    """Names of `metrics` not in the export at `export_url` (Ray's, or the ingress's
+    `/metrics`), waiting for the export's next rounds."""
     missing, deadline = list(metrics), time.monotonic() + EXPORT_TIMEOUT_S
     while missing and time.monotonic() < deadline:
-        text = httpx.get(export_url, timeout=10).text
+        response = httpx.get(export_url, headers=headers, timeout=10)
+        assert response.status_code == 200, response.text
+        text = response.text
         missing = [m for m in missing if m.exported not in text]
         time.sleep(2)
     return [m.exported for m in missing]
@@ -170,10 +178,23 @@ def test_feature_metrics_are_in_rays_export(cluster, traffic, feature):
 
 
 def test_ingress_metrics_endpoint(cluster, traffic):
-    text = httpx.get(f"{cluster['base_url']}/metrics", headers=HEADERS, timeout=10).text
-    assert [m.http_name for m in METRICS if m.on_http and m.http_name not in text] == []
+    """One scrape target is enough: the ingress's `/metrics` serves every metric of the list
+    (the core, and the features this app configures) cluster-wide, named as in Ray's export,
+    each family once; its own registry's series come beside them without the `ray_` prefix."""
+    url = f"{cluster['base_url']}/metrics"
+    configured = [m for m in METRICS if m.needs is None or UNCONFIGURED.get(m.needs, "") is None]
+    assert _missing_from_export(url, configured, HEADERS) == []
+    text = httpx.get(url, headers=HEADERS, timeout=10).text
+    types = re.findall(r"^# TYPE (\S+)", text, re.M)
+    assert sorted(types) == sorted(set(types)), "a family's HELP/TYPE lines came twice"
+    # the replicas' series come from the replicas' processes, through their node's export
+    assert re.search(r'^ray_pagedserve_engine_steps_total\{[^}]*deployment="Replica"', text, re.M)
+    assert [m.http_name for m in configured if m.on_http
+            and not re.search(rf"^{m.http_name}[{{ ]", text, re.M)] == []
     assert 'pagedserve_requests_total{endpoint="completions",status="404"} 1.0' in text
     assert 'endpoint="chat",status="200"' in text
+    if HAS_AUTH:
+        assert httpx.get(url, timeout=10).status_code == 401
 
 
 def _runnable(expr: str) -> str:
@@ -200,16 +221,21 @@ def _empty_queries(prom, feature: str | None) -> list[tuple[str, str]]:
     return empty
 
 
-def test_every_panel_query_returns_data_from_prometheus(cluster, traffic):
-    assert cluster["prometheus"].targets_up()
-    assert _empty_queries(cluster["prometheus"], None) == []
+SCRAPED = ["ray_export", "ingress"]  # what each Prometheus scrapes: the same queries work on both
 
 
+@pytest.mark.parametrize("scraped", SCRAPED)
+def test_every_panel_query_returns_data_from_prometheus(cluster, traffic, scraped):
+    assert cluster["prometheus"][scraped].targets_up()
+    assert _empty_queries(cluster["prometheus"][scraped], None) == []
+
+
+@pytest.mark.parametrize("scraped", SCRAPED)
 @pytest.mark.parametrize("feature", [RESPONSE_CACHE, API_KEYS])
-def test_feature_panel_queries_return_data_from_prometheus(cluster, traffic, feature):
+def test_feature_panel_queries_return_data_from_prometheus(cluster, traffic, feature, scraped):
     titles = [p.title for p in PANELS if _panel_need(p.title) == feature]
     _skip_unconfigured(feature, titles)
-    assert _empty_queries(cluster["prometheus"], feature) == []
+    assert _empty_queries(cluster["prometheus"][scraped], feature) == []
 
 
 def test_ray_dashboard_serve_page_in_headless_chromium(cluster, traffic):

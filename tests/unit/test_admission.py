@@ -200,3 +200,17 @@ def test_a_prompt_waits_while_no_replica_reports_its_capacity():
     assert q.assign() == [] and q.take_rejected() == []  # nothing known yet (scaled to zero)
     q.report(report("A", free=3))
     assert q.assign() == [] and len(q.take_rejected()) == 1
+
+
+def test_requests_queued_for_a_version_that_lost_a_rollout_wait_for_the_winner():
+    q, _ = make_queue()
+    q.report(report("old", running=4, version="stable"))  # full: its requests wait here
+    q.report(report("new", running=4, version="canary"))
+    for rid, version in (("r1", "stable"), ("r2", "canary"), ("r3", "stable")):
+        q.enqueue(AdmissionRequest(rid, 20, version=version))
+    assert q.assign() == []
+    q.retarget("stable", "canary")  # the canary was promoted: the old replicas will stop
+    q.report(report("old", running=0, version="stable"))
+    assert q.assign() == []  # the old replica has room, but gets nothing new
+    q.report(report("new", running=1, version="canary"))
+    assert q.assign() == [("r1", "new"), ("r2", "new"), ("r3", "new")]

@@ -68,3 +68,32 @@ def test_a_quick_admission_wakes_nobody(monkeypatch):
         return chosen, replicas.woken
 
     assert asyncio.run(main()) == ("replica-1", 0)
+
+
+def test_a_wake_that_never_returns_does_not_hold_the_admission(monkeypatch):
+    """The handle woken may be a deployment that will never start again (a rollout's loser
+    at 0 replicas): a replica of the other version admits the request meanwhile."""
+    monkeypatch.setattr(dispatch, "WAKE_AFTER_S", 0.05)
+
+    async def main():
+        router = FakeRouter()
+        replicas = FakeReplicas(router)
+        woken = asyncio.Event()
+
+        async def never_ready() -> bool:
+            woken.set()
+            await asyncio.Event().wait()
+
+        replicas.ready = Method(never_ready)
+
+        async def other_version_starts():
+            await woken.wait()
+            router.replica_up.set()
+
+        starter = asyncio.create_task(other_version_starts())
+        chosen = await asyncio.wait_for(Dispatcher(router, replicas, 16, 1)._admit(
+            dispatch.Job("r", [1, 2, 3], None), set()), timeout=5)
+        await starter
+        return chosen
+
+    assert asyncio.run(main()) == "replica-1"

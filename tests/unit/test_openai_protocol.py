@@ -71,7 +71,10 @@ def bad_request(fn, *args) -> APIError:
     (chat(logit_bias=[5]), "logit_bias"),
     (chat(logit_bias={str(i): 1.0 for i in range(1025)}), "logit_bias"),
     (chat(tools=[{"type": "function"}]), "tools"),
-    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(response_format={"type": "xml"}), "response_format.type"),
+    (chat(response_format={"type": "json_schema"}), "response_format"),
+    (chat(guided_regex="a", guided_choice=["a"]), "guided_choice"),
+    (chat(response_format={"type": "json_object"}, guided_regex="a"), "guided_regex"),
     ({"model": "m"}, "messages"),
     (chat(messages=[]), "messages"),
     (chat(messages="Hi"), "messages"),
@@ -439,3 +442,28 @@ def test_models_list():
     openai = pytest.importorskip("openai")
     for entry in payload["data"]:
         openai.types.Model.model_validate(entry)
+
+
+def test_structured_output_fields_map_to_one_grammar():
+    from pagedserve.sampling_params import StructuredOutput
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    def spec(**fields):
+        return to_sampling_params(parse_chat_request(chat(**fields)), 100, 10).structured
+
+    assert spec() is None and spec(response_format={"type": "text"}) is None
+    assert spec(response_format={"type": "json_object"}) == StructuredOutput(json_object=True)
+    assert spec(response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": schema, "strict": False}}) == StructuredOutput(
+        json_schema=json.dumps(schema, sort_keys=True), strict=False)
+    assert spec(guided_json=schema) == StructuredOutput(json_schema=json.dumps(schema,
+                                                                               sort_keys=True))
+    assert spec(guided_regex="[ab]+") == StructuredOutput(regex="[ab]+")
+    assert spec(guided_choice=["x", "y"]) == StructuredOutput(choice=("x", "y"))
+    completion_spec = to_sampling_params(parse_completion_request(completion(
+        guided_choice=["x"])), 100, 10).structured
+    assert completion_spec == StructuredOutput(choice=("x",))
+    with pytest.raises(APIError) as err:
+        spec(guided_json="[1, 2]")
+    assert err.value.param == "guided_json"

@@ -75,3 +75,40 @@ def test_a_replica_without_metrics_yet_does_not_count_as_serving():
     one_reporting = per_replica(num_running=[0.0], kv_usage=[0.0], parked=[0.0])
     target, state = policy(context(2, 2, one_reporting))
     assert target == 2 and state["pagedserve"]["serving_target"] == 1
+
+
+def test_a_fixed_size_deployment_in_a_rollout_is_autoscaled_and_retires_to_zero():
+    """Its size stays fixed until the router tells its replicas their version lost; then 0,
+    also once no replica is left to say so."""
+    engine = {"model": "m", "device": "cpu"}
+    config = ClusterConfig(engine=engine, num_replicas=2, rollout={"engine": engine})
+    options = _replica_count_options(config)
+    assert "num_replicas" not in options
+    scaling = options["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["initial_replicas"], scaling["max_replicas"]) \
+        == (0, 2, 2)
+    policy = getattr(sp, scaling["policy"]["policy_function"].split(":")[1])(
+        **scaling["policy"]["policy_kwargs"])
+    serving = per_replica(retired=[0.0, 0.0])
+    target, state = policy(context(2, 2, serving))
+    assert target == 2
+    target, state = policy(context(2, 2, per_replica(retired=[0.0, 0.5]), state=state))
+    assert target == 0
+    target, _ = policy(context(0, 0, {}, state=state))  # gone: no metrics, still retired
+    assert target == 0
+    assert policy(context(2, 2, {}))[0] == 2  # a deployment that never lost keeps its size
+
+
+def test_an_autoscaled_deployment_in_a_rollout_keeps_its_minimum_until_retired():
+    args = {**shipped_args("autoscale.yaml")}
+    args["rollout"] = {"engine": args.get("engine", {})}
+    policy, options = policy_from(args)
+    minimum = ClusterConfig(**args).autoscaling.min_replicas
+    assert options["min_replicas"] == 0  # Serve's; the policy keeps the warm minimum
+    idle = per_replica(num_running=[0.0], kv_usage=[0.0], parked=[0.0], retired=[0.0])
+    target, state = policy(context(1, 1, idle))
+    assert target == max(1, minimum)
+    retiring = per_replica(num_running=[2.0], kv_usage=[0.1], parked=[0.0], retired=[1.0])
+    target, state = policy(context(1, 1, retiring, state=state))
+    assert target == 0
+    assert policy(context(0, 0, {}, state=state))[0] == 0

@@ -43,7 +43,8 @@ class _InFlight:
 
 def _needs_history(seq) -> bool:
     p = seq.params
-    return p.n > 1 or p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+    return (p.n > 1 or p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+            or seq.matcher is not None)  # a grammar's next mask needs the last token accepted
 
 
 class LLMEngine:
@@ -92,6 +93,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.max_model_len = self._max_model_len()
         self.requests: dict[str, Request] = {}
+        self._grammars = None  # structured outputs: compiled on the first such request
         # Overlap host work with the device's: pays on a GPU, would only reorder work on a CPU.
         self.overlap_steps = self.device.type == "cuda"
         self._in_flight: _InFlight | None = None
@@ -110,11 +112,24 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         _check_logit_bias(params, self.spec.vocab_size)
+        matchers = self._matchers(params)  # ValueError if the grammar does not compile
         request = Request(request_id, text, token_ids, params, self.config.block_size,
                           self.tokenizer, self.max_model_len)
+        for seq, matcher in zip(request.seqs, matchers, strict=False):
+            seq.grammars, seq.matcher = self._grammars, matcher
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
+
+    def _matchers(self, params: SamplingParams) -> list:
+        """One grammar matcher per completion of a structured request, else none."""
+        if params.structured is None:
+            return []
+        if self._grammars is None:
+            from pagedserve.replicas.engine.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.spec.vocab_size)
+        return [self._grammars.matcher(params.structured) for _ in range(params.n)]
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.replicas.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.replicas.engine.sequence import PLACEHOLDER, Sequence
+from pagedserve.replicas.engine.structured import accept
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -56,6 +57,8 @@ class Request:
         seq.token_ids[index] = token_id
         count = index + 1 - seq.num_prompt_tokens  # output tokens up to this one
         reason = self._finish_reason(seq, token_id, count, eos_ids)
+        if reason is None and seq.matcher is not None and accept(seq.matcher, token_id):
+            reason = self._grammar_done(seq)
         if reason is not None:
             del seq.token_ids[index + 1:]
         return reason
@@ -79,6 +82,12 @@ class Request:
             detok.finish()
             return "length"
         return None
+
+    def _grammar_done(self, seq: Sequence) -> str:
+        """The sequence's grammar is complete (or allows nothing more): it stops here."""
+        self._flush(seq)
+        self.detokenizers[seq.index].finish()
+        return "stop"
 
     def _flush(self, seq: Sequence) -> None:
         pending = self._undecoded[seq.index]

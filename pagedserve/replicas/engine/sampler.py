@@ -40,6 +40,7 @@ class Sampler:
             self._apply_penalties(logits, seqs)
             _apply_logit_bias(logits, seqs)
             self._block_early_stop(logits, seqs)
+            _apply_grammars(logits, seqs)
         tokens = self._sample(logits, seqs)
         return PendingSample(tokens, raw_logprobs, seqs)
 
@@ -59,7 +60,7 @@ class Sampler:
     def _block_early_stop(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         vocab = logits.shape[1]
         for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
+            if seq.matcher is None and seq.num_output_tokens < seq.params.min_tokens:
                 stops = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else self.eos_token_ids)
                 # An id outside the vocabulary can never be sampled; indexing it would crash the step.
                 stops = [t for t in stops if t < vocab]
@@ -113,7 +114,16 @@ def plain_greedy(seqs: list[Sequence]) -> bool:
 def _edits_logits(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-            or seq.num_output_tokens < p.min_tokens or bool(p.logit_bias))
+            or seq.num_output_tokens < p.min_tokens or bool(p.logit_bias)
+            or seq.matcher is not None)
+
+
+def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Mask each structured row to the tokens its grammar allows next (a grammar, not
+    min_tokens, decides when such a sequence may stop)."""
+    grammars = next((s.grammars for s in seqs if s.matcher is not None), None)
+    if grammars is not None:
+        grammars.mask(logits, [s.matcher for s in seqs])
 
 
 def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:

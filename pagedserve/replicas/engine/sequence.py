@@ -55,6 +55,8 @@ class Sequence:
         self.logprobs: list[dict[int, float]] = []
         self.generator = _make_generator(params.seed, index)
         self.leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks we share
+        self.grammars = None  # structured output: the engine's `Grammars` and this seq's matcher
+        self.matcher = None
         self.max_len = sys.maxsize  # prompt + the most output tokens its request allows
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pagedserve.replicas.models.fused_ops import add_rms_norm
+from pagedserve.kernels.fused_ops import add_rms_norm
 from pagedserve.replicas.parallel import step_pipes, symmetric_all_reduce
 from pagedserve.replicas.parallel.step_channel import HEADER_LEN
 

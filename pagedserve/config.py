@@ -270,3 +270,29 @@ class ClusterConfig(BaseModel):
         if self.autoscaling is not None and self.num_replicas != 1:
             raise ValueError("set either num_replicas or autoscaling, not both")
         return self
+
+
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(name: str):
+    """The torch device an `EngineConfig.device` names ("auto": CUDA when there is one).
+    (torch is imported here, not at the top: the ingress and router read configs without it.)"""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    """The torch dtype an `EngineConfig.dtype` names ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPE_NAMES)}; got {name!r}")
+    return getattr(torch, name)

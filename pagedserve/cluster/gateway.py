@@ -23,6 +23,7 @@ from pagedserve.cluster import cache_replay
 from pagedserve.cluster.api_keys import UNKNOWN_KEY_NAME, ApiKey, KeyRing, load_api_keys
 from pagedserve.cluster.gateway_metrics import GatewayMetrics
 from pagedserve.cluster.openai_errors import APIError
+from pagedserve.cluster.openai_tools import tool_mode
 from pagedserve.cluster.rate_limits import RateLimiter
 from pagedserve.cluster.response_cache import cache_key, is_deterministic, model_fingerprint
 from pagedserve.cluster.service import OpenAIService, Prepared
@@ -108,8 +109,8 @@ class Gateway:
 
     def _cache_key(self, prepared: Prepared, key: ApiKey | None) -> str | None:
         params = prepared.jobs[0].params
-        if self.cache is None or not is_deterministic(params):
-            return None
+        if self.cache is None or not is_deterministic(params) or tool_mode(prepared.request):
+            return None  # (a replayed answer is content: tool calls are not cached)
         scope = "*" if self.global_scope else (key.name if key is not None else NO_KEY_SCOPE)
         prompts = [job.prompt_token_ids for job in prepared.jobs]
         return cache_key(self.model_id, prepared.endpoint, scope, prompts, params)

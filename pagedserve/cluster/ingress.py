@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions, POST /v1/completions (both with `stream: true` SSE),
     GET /v1/models, /v1/models/{id}, /healthz and /health (alive), /readyz (a warm replica
-    exists), /metrics (Prometheus)
+    exists), /metrics (Prometheus); POST /tokenize, /detokenize (vLLM's)
 
 Python callers use the same logic through `serve.get_app_handle("pagedserve")`:
 `chat_completions(body)` / `completions(body)` return the response dict, or, when the body says
@@ -30,6 +30,7 @@ from pagedserve.cluster.node_exports import NodeExports
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_responses import models_list
 from pagedserve.cluster.openai_sse import SSE_DONE, sse_error, sse_event
+from pagedserve.cluster.openai_tokenize import detokenize, tokenize
 from pagedserve.cluster.request_body import parse_json_body
 from pagedserve.cluster.service import OpenAIService, load_model_info
 from pagedserve.config import ClusterConfig
@@ -138,6 +139,31 @@ class IngressDeployment:
             self.metrics.count_request(404, endpoint="models")
             return _error_response(APIError.model_not_found(model_id))
         return JSONResponse(models_list([model_id], self.created)["data"][0])
+
+    @api.post("/tokenize")
+    async def http_tokenize(self, request: Request) -> Response:
+        return await self._tokenizer_route(request, "tokenize")
+
+    @api.post("/detokenize")
+    async def http_detokenize(self, request: Request) -> Response:
+        return await self._tokenizer_route(request, "detokenize")
+
+    async def _tokenizer_route(self, request: Request, endpoint: str) -> Response:
+        """vLLM's tokenizer routes (`openai_tokenize.py`), checked and counted like the rest."""
+        try:
+            await self.gateway.authenticate(request.headers)
+            body = await _read_json(request, self.config.max_request_bytes)
+            if isinstance(body, dict):
+                self.service.check_model_name(body.get("model"))
+            model = self.service.model
+            answer = (tokenize(body, model.tokenizer, model.max_model_len)
+                      if endpoint == "tokenize"
+                      else detokenize(body, model.tokenizer, model.vocab_size))
+        except APIError as err:
+            self.metrics.count_request(err.status, endpoint=endpoint)
+            return _error_response(err)
+        self.metrics.count_request(200, endpoint=endpoint)
+        return JSONResponse(answer)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping, Sequence
 
 from pagedserve.cluster.openai_errors import APIError
@@ -10,6 +12,7 @@ from pagedserve.cluster.openai_requests import (
     CompletionRequest,
     normalise_prompt,
 )
+from pagedserve.cluster.openai_tools import template_tools
 
 try:  # transformers renders chat templates with jinja2 but does not depend on it
     from jinja2 import TemplateError
@@ -38,8 +41,22 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
         entry = {"role": _TEMPLATE_ROLES.get(message.role, message.role), "content": message.text}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = [_template_call(c) for c in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         messages.append(entry)
     return messages
+
+
+def _template_call(call: dict) -> dict:
+    """An earlier call as templates expect it: `arguments` parsed (OpenAI sends a string)."""
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):  # not JSON: the template gets the string
+            function["arguments"] = json.loads(arguments)
+    return {**call, "type": call.get("type", "function"), "function": function}
 
 
 def render_chat(request: ChatCompletionRequest, tokenizer) -> list[int]:
@@ -52,8 +69,10 @@ def render_chat(request: ChatCompletionRequest, tokenizer) -> list[int]:
         raise APIError.bad_request("This model has no chat template; use /v1/completions.",
                                    "messages")
     try:
+        tools = template_tools(request)
         rendered = tokenizer.apply_chat_template(
-            chat_messages(request), add_generation_prompt=True, tokenize=True)
+            chat_messages(request), add_generation_prompt=True, tokenize=True,
+            **({"tools": tools} if tools else {}))
     except (TemplateError, ValueError, TypeError) as err:
         raise APIError.bad_request(f"The chat template rejected the messages: {err}",
                                    "messages") from err

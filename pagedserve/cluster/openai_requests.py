@@ -2,7 +2,7 @@
 
 Types are strict (a string is not a number, 1 is not `true`) as OpenAI's API is; unknown fields
 are ignored because SDKs send fields we do not use. Fields that would change the output in ways
-we cannot honour (tools, echo, ...) are refused with a 400 rather than ignored.
+we cannot honour (echo, suffix, ...) are refused with a 400 rather than ignored.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -173,6 +175,35 @@ class ChatMessage(BaseModel):
         return "\n".join(part["text"] for part in self.content)
 
 
+class FunctionDef(BaseModel):
+    """A tool's function: its name, what it does, and the JSON schema of its arguments."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     """`POST /v1/chat/completions` body. `max_completion_tokens` wins over `max_tokens`."""
 
@@ -180,8 +211,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
 
     def structured_fields(self) -> tuple[str, ...]:
@@ -196,8 +228,22 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.bad_request("logprobs must be true when top_logprobs is set.",
                                        "top_logprobs")
-        if self.tools and self.tool_choice != "none":
-            raise APIError.bad_request("tool calling is not supported.", "tools")
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise APIError.bad_request("tool function names must be unique.", "tools")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise APIError.bad_request("tool_choice needs tools.", "tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError.bad_request(f"tool_choice names {choice.function.name!r}, which is "
+                                       "not one of the tools.", "tool_choice")
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and any(getattr(self, f) is not None for f in self.structured_fields()):
+            raise APIError.bad_request("a required or named tool_choice cannot be combined with "
+                                       "a structured response format.", "tool_choice")
 
 
 class CompletionRequest(_SamplingFields):

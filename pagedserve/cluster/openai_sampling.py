@@ -7,6 +7,7 @@ import re
 
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_requests import ChatCompletionRequest, CompletionRequest
+from pagedserve.cluster.openai_tools import tool_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutput
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
@@ -62,7 +63,7 @@ def _fields(request: OpenAIRequest) -> dict:
         skip_special_tokens=given(request.skip_special_tokens, True),
         logit_bias={int(k): v for k, v in request.logit_bias.items()} if request.logit_bias
         else None,
-        structured=structured_output(request),
+        structured=structured_output(request) or tool_grammar(request),
     )
 
 
@@ -92,7 +93,7 @@ def structured_output(request: OpenAIRequest) -> StructuredOutput | None:
 def structured_param(request: OpenAIRequest) -> str | None:
     """The request field that asked for structured output (for its errors)."""
     asked = [f for f in request.structured_fields() if getattr(request, f) is not None]
-    return asked[0] if asked else None
+    return asked[0] if asked else ("tools" if getattr(request, "tools", None) else None)
 
 
 def _plain(err: ValueError) -> str:

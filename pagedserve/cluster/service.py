@@ -27,6 +27,7 @@ from pagedserve.cluster.openai_requests import (
 from pagedserve.cluster.openai_responses import ChatResponseBuilder, CompletionResponseBuilder
 from pagedserve.cluster.openai_sampling import structured_param, to_sampling_params
 from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
+from pagedserve.cluster.openai_tools import streamed_tool_calls, tool_mode, with_tool_calls
 from pagedserve.cluster.request_body import unicode_fault
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.models.default_model import DEFAULT_MODEL_NAME
@@ -154,10 +155,12 @@ class OpenAIService:
 
     async def respond(self, prepared: Prepared) -> dict | AsyncIterator[dict]:
         """Generate the answer: a response dict, or (`stream: true`) an iterator of chunks."""
-        endpoint = prepared.endpoint
-        if prepared.request.stream:
-            return await self._stream(prepared.jobs, prepared.output, endpoint)
-        return await self._unary(prepared.jobs, prepared.output, endpoint)
+        endpoint, request = prepared.endpoint, prepared.request
+        if request.stream:
+            chunks = await self._stream(prepared.jobs, prepared.output, endpoint)
+            return streamed_tool_calls(chunks, request) if tool_mode(request) else chunks
+        response = await self._unary(prepared.jobs, prepared.output, endpoint)
+        return with_tool_calls(response, request) if tool_mode(request) else response
 
     def _output_args(self, request, request_id: str) -> tuple:
         return (request, request_id, self.model.name, int(time.time()), self.model.tokenizer)
@@ -254,6 +257,12 @@ class OpenAIService:
         if not token_ids:
             raise APIError.bad_request("prompt encodes to no tokens", "prompt")
         return token_ids
+
+    def check_model_name(self, model: object) -> None:
+        """APIError 404 unless `model` is absent or the served model's name."""
+        if model is not None and not isinstance(model, str):
+            raise APIError.bad_request("Invalid 'model': must be a string.", "model")
+        self._check_model(model)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model.name:

@@ -56,7 +56,7 @@ def test_greedy_tokens_track_transformers_on_gpu(tmp_path, name, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_ops_match_torch_ops(dtype):
-    from pagedserve.replicas.models import fused_ops
+    from pagedserve.kernels import fused_ops
     from pagedserve.replicas.models.layers import apply_rotary
 
     torch.manual_seed(0)

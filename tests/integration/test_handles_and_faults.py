@@ -102,6 +102,16 @@ def test_bad_completion_bodies(server, body, status):
     assert "error" in response.json()
 
 
+def test_vllms_tokenizer_routes(server):
+    answer = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "Hello"},
+                        timeout=10).json()
+    assert answer["count"] == len(answer["tokens"]) > 0
+    back = httpx.post(f"{server}/detokenize", json={"tokens": answer["tokens"]}, timeout=10)
+    assert back.json() == {"prompt": "Hello"}
+    unknown = httpx.post(f"{server}/tokenize", json={"model": "gpt-9", "prompt": "x"}, timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
 def test_vllms_health_route_answers_200(server):
     response = httpx.get(f"{server}/health", timeout=10)
     assert response.status_code == 200 and response.content == b""

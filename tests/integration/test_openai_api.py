@@ -129,3 +129,45 @@ def test_a_schema_that_does_not_compile_is_a_400_naming_response_format(openai_c
             response_format=_json_schema_format({"type": "strin"}))
     assert err.value.body["param"] == "response_format"
     assert "does not compile" in err.value.body["message"]
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_named_tool_choice_yields_a_valid_call_also_streamed(openai_client):
+    kwargs = dict(model=MODEL, messages=WEATHER_ASK, temperature=0, max_tokens=60,
+                  tools=[WEATHER_TOOL, TIME_TOOL],
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    unary = openai_client.chat.completions.create(**kwargs).choices[0]
+    assert unary.finish_reason == "tool_calls" and unary.message.content is None
+    (call,) = unary.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(
+        json.loads(call.function.arguments)["city"], str)
+    deltas = [c.choices[0].delta for c in openai_client.chat.completions.create(
+        **kwargs, stream=True) if c.choices]
+    joined = "".join(tc.function.arguments or "" for d in deltas for tc in d.tool_calls or [])
+    assert joined == call.function.arguments
+
+
+def test_a_required_tool_choice_calls_one_of_the_tools_and_the_result_goes_back(openai_client):
+    reply = openai_client.chat.completions.create(
+        model=MODEL, messages=WEATHER_ASK, temperature=0, max_tokens=80,
+        tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", parallel_tool_calls=False)
+    choice = reply.choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls"
+    assert call.function.name in ("get_weather", "get_time")
+    json.loads(call.function.arguments)
+    follow_up = openai_client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=20, tools=[WEATHER_TOOL, TIME_TOOL],
+        messages=[*WEATHER_ASK, {"role": "assistant", "content": None,
+                                 "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}])
+    assert follow_up.choices[0].finish_reason in ("stop", "length", "tool_calls")

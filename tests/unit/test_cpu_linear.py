@@ -9,7 +9,7 @@ from test_hf_equivalence import random_prompts
 from tiny_models import TINY_VOCAB
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.replicas.models import cpu_linear
+from pagedserve.kernels import cpu_linear
 from pagedserve.replicas.models.loader import load_model
 from pagedserve.replicas.models.spec import load_model_spec
 

@@ -148,7 +148,7 @@ def test_prefill_and_store_kv_shapes_share_variants(monkeypatch):
 
 
 def test_fused_op_shapes_share_variants(monkeypatch):
-    fused = importlib.import_module("pagedserve.replicas.models.fused_ops")
+    fused = importlib.import_module("pagedserve.kernels.fused_ops")
     recorders = record(monkeypatch, fused, "_rotary_kernel", "_add_rms_norm_kernel",
                        "_silu_mul_kernel")
     hidden = 256
@@ -167,7 +167,7 @@ def test_fused_op_shapes_share_variants(monkeypatch):
 
 
 def test_all_reduce_norm_shapes_share_variants(monkeypatch):
-    mod = importlib.import_module("pagedserve.replicas.parallel.all_reduce_norm")
+    mod = importlib.import_module("pagedserve.kernels.all_reduce_norm")
     (recorder,) = record(monkeypatch, mod, "_all_reduce_add_rms_norm_kernel")
     hidden, max_rows = 256, 64
     weight = torch.ones(hidden, dtype=torch.bfloat16)

@@ -70,7 +70,7 @@ def bad_request(fn, *args) -> APIError:
     (chat(logit_bias={"5": "1"}), "logit_bias"),
     (chat(logit_bias=[5]), "logit_bias"),
     (chat(logit_bias={str(i): 1.0 for i in range(1025)}), "logit_bias"),
-    (chat(tools=[{"type": "function"}]), "tools"),
+    (chat(tools=[{"type": "function"}]), "tools[0].function"),
     (chat(response_format={"type": "xml"}), "response_format.type"),
     (chat(response_format={"type": "json_schema"}), "response_format"),
     (chat(guided_regex="a", guided_choice=["a"]), "guided_choice"),

@@ -55,7 +55,7 @@ class _Replica(ReplicaDeployment):
 def _replica(router: _Router) -> ReplicaDeployment:
     replica = _Replica.__new__(_Replica)
     replica.config, replica.replica_id, replica.draining = ClusterConfig(), "r", False
-    replica.router, replica._received = router, []
+    replica.router, replica._received, replica.rollout = router, [], None
     replica.engine = _Engine(replica)
     return replica
 

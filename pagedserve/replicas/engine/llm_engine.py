@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, resolve_device, resolve_dtype
 from pagedserve.kernels.triton_cache import use_node_cache
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import BlockManager
@@ -27,9 +27,6 @@ from pagedserve.replicas.parallel.ranks import join_as_rank0
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class _InFlight:
@@ -307,19 +304,3 @@ def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
     if outside:
         raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary "
                          f"(size {vocab_size})")
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device an `EngineConfig.device` names ("auto": CUDA when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype an `EngineConfig.dtype` names ("auto": bfloat16 on CUDA, float32 on CPU)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pagedserve.replicas.models import fused_ops
-from pagedserve.replicas.models.fused_ops import add_rms_norm, rms_norm_ref
+from pagedserve.kernels import fused_ops
+from pagedserve.kernels.fused_ops import add_rms_norm, rms_norm_ref
 from pagedserve.replicas.models.rope import NATIVE_ROPE_TYPES, inverse_frequencies
 
 

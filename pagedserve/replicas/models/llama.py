@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve import kernels
-from pagedserve.replicas.models.fused_ops import silu_and_mul
+from pagedserve.kernels.fused_ops import silu_and_mul
 from pagedserve.replicas.models.layers import AttentionMetadata, RMSNorm, Rope, RotaryEmbedding
 from pagedserve.replicas.models.spec import ModelSpec
 from pagedserve.replicas.parallel import layers as parallel

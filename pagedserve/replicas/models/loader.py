@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from pagedserve.replicas.models import cpu_linear
+from pagedserve.kernels import cpu_linear
 from pagedserve.replicas.models.llama import LlamaForCausalLM
 from pagedserve.replicas.models.spec import ModelSpec
 from pagedserve.replicas.parallel.layers import TensorParallel, split_dims, vocab_shard_size

@@ -77,8 +77,7 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
 def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict:
     """What `mode` prepares before adoption, as engine keyword arguments: the model's files
     (config, tokenizer) in every mode, plus `tensors`, `model` or a whole `engine`."""
-    from pagedserve.config import EngineConfig
-    from pagedserve.replicas.engine.llm_engine import resolve_device, resolve_dtype
+    from pagedserve.config import EngineConfig, resolve_device, resolve_dtype
     from pagedserve.replicas.models.loader import load_model, read_safetensors, safetensors_files
     from pagedserve.replicas.models.model_files import load_model_files
 

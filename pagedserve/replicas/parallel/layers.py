@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.replicas.models.cpu_linear import Linear
+from pagedserve.kernels.cpu_linear import Linear
 from pagedserve.replicas.parallel import symmetric_all_reduce
 from pagedserve.replicas.parallel.symmetric_all_reduce import SymmetricAllReduce
 

@@ -29,7 +29,7 @@ def run_rank(config: dict, rank: int, init_method: str, device: str | None = Non
     Returns when rank 0 stops the group; raises if rank 0 (or any rank) goes away mid-step.
     """
     _injected_start_fault(rank)
-    from pagedserve.replicas.engine.llm_engine import resolve_device, resolve_dtype
+    from pagedserve.config import resolve_device, resolve_dtype
     from pagedserve.replicas.engine.model_runner import ModelRunner
     from pagedserve.replicas.models.registry import resolve_model_dir
     from pagedserve.replicas.models.spec import load_model_spec

@@ -26,7 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from pagedserve.replicas.parallel import all_reduce_norm
+from pagedserve.kernels import all_reduce_norm
 
 MAX_BYTES = 4 * 2**20  # one-shot reads every peer's whole buffer: it wins only for small tensors
 

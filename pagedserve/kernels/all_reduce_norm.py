@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import torch
 
-from pagedserve.replicas.models.fused_ops import _rounding
+from pagedserve.kernels.fused_ops import _rounding
 
 try:
     import triton
     import triton.language as tl
 
-    from pagedserve.replicas.models.fused_ops import _round
+    from pagedserve.kernels.fused_ops import _round
 except ImportError:
     triton = None
 

@@ -8,7 +8,8 @@ hits, one request at a time so the numbers are latencies, not queueing. Streamed
 their own prompts, so their misses are real generations too. Each request is timed end to end
 on the client (for streams also to the first content chunk) and its `x-pagedserve-cache` header
 says whether it was a hit (and `x-pagedserve-cache-level` from which level). `GET /healthz`
-(no key, no work) and `GET /v1/models` (the key check and request bucket only) give the floor
+(no key, no work), `GET /v1/models` (the key check and request bucket only) and a POST of a
+body that is not JSON (the key check, reading the body from Serve's proxy, a 400) give the floor
 that Serve's HTTP proxy and the ingress put under every hit.
 """
 
@@ -156,13 +157,20 @@ def measure(client: httpx.Client, args: argparse.Namespace, stream: bool, salt: 
     return {"miss": misses, "hit": hits, "mismatched_texts": mismatched}
 
 
-def floor(client: httpx.Client, path: str, n: int) -> list[dict]:
-    """GET `path` n times: the HTTP round trip through Serve's proxy with (next to) no work."""
+def floor(client: httpx.Client, path: str, n: int, body: bytes | None = None,
+          status: int = 200) -> list[dict]:
+    """GET `path` (POST `body` when given) n times, expecting `status`: the HTTP round trip
+    through Serve's proxy with (next to) no work in the ingress."""
     samples = []
     for _ in range(n):
         start = time.perf_counter()
-        client.get(path).raise_for_status()
+        if body is None:
+            reply = client.get(path)
+        else:
+            reply = client.post(path, content=body, headers={"content-type": "application/json"})
         samples.append({"e2e_s": time.perf_counter() - start, "cache": None, "level": None})
+        if reply.status_code != status:
+            raise SystemExit(f"{path}: {reply.status_code} where {status} was expected")
     return samples
 
 
@@ -193,7 +201,9 @@ def run(args: argparse.Namespace, url: str) -> dict:
         unary = measure(client, args, stream=False, salt=f"{salt} unary")
         streamed = measure(client, args, stream=True, salt=f"{salt} stream")
         floors = {"GET /healthz": floor(client, "/healthz", 100),
-                  "GET /v1/models": floor(client, "/v1/models", 100)}
+                  "GET /v1/models": floor(client, "/v1/models", 100),
+                  # the key check, then the body's read from the proxy, then a 400
+                  "POST bad JSON": floor(client, "/v1/chat/completions", 100, b"{", 400)}
     rows = summarize("unary", unary) + summarize("stream", streamed)
     for label, samples in floors.items():  # the floor under any hit: proxy, ingress, key check
         rows.append({"requests": label, "n": len(samples), "said_hit": 0, "l2": 0,

@@ -86,6 +86,10 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield SSE_DONE
 
 
+async def _sse_body(chunks: AsyncIterator[dict]) -> str:
+    return "".join([event async for event in _sse(chunks)])
+
+
 # Helpers above are defined before the class on purpose: Serve serializes the decorated class
 # with the module globals that exist at decoration time.
 @serve.ingress(api)
@@ -215,5 +219,8 @@ class IngressDeployment:
             return _error_response(APIError.server_error())
         if isinstance(answer.result, dict):
             return JSONResponse(answer.result, headers=answer.headers())
+        if answer.cache == "hit":  # a replayed stream is all in memory: one body, one message
+            return Response(await _sse_body(answer.result), media_type="text/event-stream",
+                            headers=answer.headers())
         return StreamingResponse(_sse(answer.result), media_type="text/event-stream",
                                  headers=answer.headers())

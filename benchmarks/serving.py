@@ -4,19 +4,26 @@
     python benchmarks/serving.py --engine-direct --request-rate inf
     python benchmarks/serving.py --device cuda --config ray_configs/gpu.yaml --num-replicas 1 \
         --engine-direct --request-rate inf                          # 1B-shaped random model
+    python benchmarks/serving.py --sweep                            # rates up to saturation
 
 It starts `serve run` on the config (unless `--url` points at a running server), sends the same
 workload as `throughput.py` (same flags, same seed, so the same prompts) as streamed completions,
 and prints TTFT, time per output token and end-to-end latency percentiles plus throughput. With
 `--engine-direct` it first runs `throughput.py` on our engine alone in a child process (so its
 memory is gone before the server starts) and reports HTTP throughput as a share of it.
+
+The client processes start together (a barrier, then one common start time); each run reports
+the arrival rate achieved beside the one asked for, how late requests left against their
+schedule, and the clients' CPU time, so a client that cannot keep up shows. `--sweep` runs one
+saturation run (all requests at once), then Poisson rates at fractions of the request rate it
+sustained (or the rates given), and prints and plots TTFT / TPOT / e2e p50 and p99 per rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +35,7 @@ import httpx
 import transformers
 import yaml
 
-from pagedserve.bench.serving_client import run_client
+from pagedserve.bench.serving_client import run_client_processes
 from pagedserve.bench.serving_stats import poisson_offsets, summarize
 
 try:
@@ -41,6 +48,8 @@ except ModuleNotFoundError:  # run as `python benchmarks/serving.py`
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 WORKLOAD_FLAGS = ("num_prompts", "min_prompt_len", "max_prompt_len", "output_len", "seed")
+SWEEP_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)  # of the saturation run's request rate
+LATENCIES = ("ttft_s", "tpot_s", "e2e_s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,12 +67,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests per second, Poisson arrivals (inf: all at once)")
     p.add_argument("--clients", type=int, default=4, help="client processes")
+    p.add_argument("--sweep", nargs="?", const="auto", type=sweep_rates,
+                   help="run several request rates: comma-separated requests/s, or without a "
+                   "value fractions of the rate an all-at-once run sustains")
     p.add_argument("--engine-direct", action="store_true",
                    help="also measure our engine offline on the same workload, first")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.out = common.default_out("serving", args.device, args.out)
     return args
+
+
+def sweep_rates(value: str) -> str | list[float]:
+    if value == "auto":
+        return value
+    try:
+        rates = [float(r) for r in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep takes comma-separated rates, got {value!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--sweep rates must be > 0 (or inf), got {value!r}")
+    return rates
 
 
 def throughput_argv(args: argparse.Namespace, model_dir: Path) -> list[str]:
@@ -128,24 +152,86 @@ def stop_server(proc: subprocess.Popen) -> None:
                    capture_output=True)
 
 
-def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) -> tuple:
+def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) -> dict:
+    """One run at `rate`; its summary plus the clients' CPU time and the rate asked for."""
     n = len(workload.prompts)
     offsets = poisson_offsets(n, rate, seed)
     jobs = [(offsets[i], workload.prompts[i], workload.output_lens[i]) for i in range(n)]
-    shards = [jobs[i::clients] for i in range(clients)]
-    start_at = time.time() + 3.0  # every client process is up by then
-    with multiprocessing.get_context("spawn").Pool(clients) as pool:
-        results = pool.map(run_client, [(url, model, shard, start_at) for shard in shards])
-    return [o for shard in results for o in shard], start_at
+    runs, _ = run_client_processes(url, model, [jobs[i::clients] for i in range(clients)])
+    summary = summarize([o for run in runs for o in run.outcomes])
+    wall = max(summary["wall_s"], 1e-9)
+    return {"request_rate": rate, **summary,
+            "client_cpu_s": sum(run.cpu_s for run in runs),
+            "client_busiest_cpu_share": max(run.cpu_s for run in runs) / wall}
+
+
+def sweep(url: str, model: str, workload, args: argparse.Namespace, seed: int) -> list[dict]:
+    """The saturation run first (all at once), then each rate; rows in that order."""
+    rows = [drive(url, model, workload, float("inf"), args.clients, seed)]
+    rates = args.sweep
+    if rates == "auto":
+        rates = [f * rows[0]["requests_per_s"] for f in SWEEP_FRACTIONS]
+    for rate in rates:
+        if math.isfinite(rate):
+            rows.append(drive(url, model, workload, rate, args.clients, seed))
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    table = []
+    for row in rows:
+        entry = {"rate": row["request_rate"], "achieved": row["achieved_rate_per_s"],
+                 "tok_s": row["tokens_per_s"], "errors": row["errors"],
+                 "cpu": row["client_busiest_cpu_share"]}
+        for key in LATENCIES:
+            for q in ("p50", "p99"):
+                entry[f"{key[:-2]}_{q}"] = row[key].get(q, float("nan"))
+        table.append(entry)
+    columns = [("rate", "rate (req/s)", ".2f"), ("achieved", "achieved", ".2f"),
+               ("tok_s", "tok/s", ".1f"), ("errors", "errors", "d"),
+               ("cpu", "client CPU", ".0%")]
+    columns += [(f"{k[:-2]}_{q}", f"{k[:-2]} {q} (s)", ".3f")
+                for k in LATENCIES for q in ("p50", "p99")]
+    print(common.format_table(table, columns))
+
+
+def plot_sweep(rows: list[dict], path: Path) -> Path | None:
+    """Latency p50 and p99 against the achieved request rate; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = sorted((r for r in rows if math.isfinite(r["achieved_rate_per_s"])),
+                  key=lambda r: r["achieved_rate_per_s"])
+    fig, axes = plt.subplots(1, len(LATENCIES), figsize=(4 * len(LATENCIES), 3.5))
+    for ax, key in zip(axes, LATENCIES, strict=True):
+        for q in ("p50", "p99"):
+            ax.plot([r["achieved_rate_per_s"] for r in rows],
+                    [r[key].get(q, float("nan")) for r in rows], marker="o", label=q)
+        ax.set_xlabel("achieved request rate (req/s)")
+        ax.set_ylabel(f"{key[:-2]} (s)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def print_report(summary: dict, direct: float | None) -> None:
-    rows = [{"metric": key, **summary[key]} for key in ("ttft_s", "tpot_s", "e2e_s") if summary[key]]
+    rows = [{"metric": key, **summary[key]} for key in LATENCIES if summary[key]]
     columns = [("metric", "latency (s)", "s")] + [(k, k, ".3f") for k in ("mean", "p50", "p90", "p99")]
     print(common.format_table(rows, columns))
     print(f"{summary['requests']} requests, {summary['errors']} errors, "
           f"{summary['output_tokens']} output tokens in {summary['wall_s']:.2f} s: "
           f"{summary['tokens_per_s']:.1f} tok/s over HTTP")
+    lag = summary["send_lag_s"].get("p99", 0.0)
+    print(f"arrivals: {summary['achieved_rate_per_s']:.2f} req/s achieved for "
+          f"{summary['request_rate']} asked (send lag p99 {lag * 1000:.1f} ms); clients: "
+          f"{summary['client_cpu_s']:.1f} CPU s, the busiest at "
+          f"{summary['client_busiest_cpu_share']:.0%} of a core")
     if direct:
         print(f"engine direct: {direct:.1f} tok/s; HTTP / direct = "
               f"{summary['tokens_per_s'] / direct:.1%}")
@@ -167,19 +253,27 @@ def main(argv: list[str] | None = None) -> dict:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
             warm = throughput.warmup_workload(targs.seed, vocab)
             drive(url, model, warm, float("inf"), 1, targs.seed)
-            outcomes, _ = drive(url, model, workload, args.request_rate, args.clients, targs.seed)
+            if args.sweep:
+                rows = sweep(url, model, workload, args, targs.seed)
+            else:
+                rows = [drive(url, model, workload, args.request_rate, args.clients, targs.seed)]
         finally:
             if proc is not None:
                 stop_server(proc)
-    summary = summarize(outcomes)
+    summary = rows[0]
     print_report(summary, direct)
     result = {"benchmark": "serving", **common.environment(args.device),
               "config": str(args.config), "model": str(args.model or model_dir),
-              "request_rate": args.request_rate, "clients": args.clients,
+              "clients": args.clients,
               "workload": {f: getattr(targs, f, None) for f in WORKLOAD_FLAGS},
               "engine_direct_tokens_per_s": direct, **summary}
+    if args.sweep:
+        print_sweep(rows)
+        result["sweep"] = rows
     bars = {"HTTP": summary["tokens_per_s"], **({"engine direct": direct} if direct else {})}
     common.write_results(result, args.out, bars, "output tokens / s")
+    if args.sweep and (png := plot_sweep(rows, args.out.with_name(args.out.stem + "-sweep.png"))):
+        print(f"wrote {png}")
     print(f"wrote {args.out}")
     return result
 

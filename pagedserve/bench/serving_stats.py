@@ -30,12 +30,23 @@ def summarize(outcomes: list[Outcome]) -> dict:
     tpot = [(o.end - o.first_token) / (o.output_tokens - 1)
             for o in ok if o.first_token and o.output_tokens > 1]
     e2e = [o.end - o.sent for o in ok]
+    lag = [o.sent - o.scheduled for o in outcomes if o.scheduled is not None]
     return {"requests": len(outcomes), "errors": len(outcomes) - len(ok),
+            "achieved_rate_per_s": arrival_rate([o.sent for o in outcomes]),
+            "send_lag_s": percentiles(lag),
             "first_errors": [o.error for o in outcomes if o.error][:3],
             "output_tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall if wall > 0 else 0.0,
             "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
             "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "e2e_s": percentiles(e2e)}
+
+
+def arrival_rate(sent: list[float]) -> float:
+    """Requests sent per second between the first send and the last (inf: all at once)."""
+    if len(sent) < 2:
+        return 0.0
+    span = max(sent) - min(sent)
+    return (len(sent) - 1) / span if span > 0 else float("inf")
 
 
 def percentiles(values: list[float]) -> dict:

@@ -24,7 +24,7 @@ from pagedserve.cluster.rollout import CANARY
 from pagedserve.cluster.router_calls import call_router, tell_router
 from pagedserve.outputs import RequestOutput
 from pagedserve.replicas.engine.block_manager import prompt_block_hashes
-from pagedserve.replicas.engine.engine_front import EngineDeadError
+from pagedserve.replicas.engine.engine_client import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -95,11 +95,8 @@ class ReplicaDeployment:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        target_replica: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Run one prompt; yield deltas. `target_replica` is read by the pinned request router.
-
-        The deltas leave out the prompt, which the caller sent: it would be serialized again
-        with every delta.
-        """
+        """Run one prompt; yield the engine's deltas as they come (without the prompt, which
+        the caller sent). `target_replica` is read by the pinned request router."""
         try:
             stream = await self.engine.add_request(prompt, params, request_id)
         finally:  # confirm only once the engine counts it, or the router would see a free slot
@@ -111,8 +108,7 @@ class ReplicaDeployment:
                 if first:
                     first = False
                     self._ttfts.append((time.monotonic(), time.monotonic() - started))
-                yield RequestOutput(delta.request_id, None, [], delta.outputs, delta.finished,
-                                    delta.num_cached_tokens)
+                yield delta
         finally:
             self._wake.set()  # a slot is free: tell the router now, not at the next tick
 

@@ -13,7 +13,7 @@ import logging
 
 from pagedserve.config import ClusterConfig
 from pagedserve.metric_list import serve_metric
-from pagedserve.replicas.engine.process_engine import ProcessEngine
+from pagedserve.replicas.engine.engine_client import EngineClient
 from pagedserve.replicas.engine.startup_phases import PhaseTimer, format_phases
 from pagedserve.replicas.node.standby_client import claim_standby
 from pagedserve.replicas.node.weight_client import fetch_shared_weights
@@ -28,9 +28,9 @@ STORE_WAIT_S = 600.0  # the first store on a node may still be reading a large m
 async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
                        init_method: str | None = None, app_name: str = "pagedserve",
                        gpu_ids: list[int] | None = None,
-                       rank_failure=None) -> tuple[ProcessEngine, str]:
+                       rank_failure=None) -> tuple[EngineClient, str]:
     """The replica's engine: an adopted standby of its node, else a new process, with its
-    weights from the node's store when there is one. `rank_failure`: see `ProcessEngine`.
+    weights from the node's store when there is one. `rank_failure`: see `EngineClient`.
 
     Returns the engine and where it came from: "standby_<mode>", "object_store" or "disk".
     """
@@ -46,7 +46,7 @@ async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
     loop = asyncio.get_running_loop()
     try:
         engine = await loop.run_in_executor(None, functools.partial(
-            ProcessEngine, config.engine, config.torch_threads,
+            EngineClient, config.engine, config.torch_threads,
             max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
             shared_weights=shared, standby=standby, gpu_ids=gpu_ids,
             rank_failure=rank_failure))

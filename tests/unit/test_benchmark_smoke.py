@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,97 @@ def test_out_may_name_a_directory(monkeypatch, tmp_path, name):
     args = module.parse_args(["--out", str(tmp_path)])
     out = Path(args.out)
     assert out.parent == tmp_path and out.suffix == ".json" and not out.exists()
+
+
+class _StreamingStandIn(BaseHTTPRequestHandler):
+    """Answers `/v1/completions` as a streamed OpenAI server would: one text chunk per token
+    (a millisecond apart), then the usage chunk."""
+
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for _ in range(body["max_tokens"]):
+            self._event({"choices": [{"index": 0, "text": "x"}]})
+            time.sleep(0.001)
+        self._event({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, chunk: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StreamingStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def serving(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks.serving")
+
+
+def test_serving_clients_start_together_and_report_rate_and_cpu(serving, throughput,
+                                                                 stand_in_url):
+    workload = throughput.make_workload(throughput.parse_args(
+        ["--num-prompts", "12", "--max-prompt-len", "8", "--output-len", "5"]), 100)
+    at_once = serving.drive(stand_in_url, "m", workload, float("inf"), 3, seed=0)
+    assert (at_once["requests"], at_once["errors"], at_once["output_tokens"]) == (12, 0, 60)
+    paced = serving.drive(stand_in_url, "m", workload, 40.0, 3, seed=0)
+    assert paced["errors"] == 0 and paced["request_rate"] == 40.0
+    # a loaded machine may send late; the lag is measured
+    assert -0.01 <= paced["send_lag_s"]["p50"] <= paced["send_lag_s"]["p99"] < 10
+    assert 0 < paced["achieved_rate_per_s"] < float("inf")
+    assert paced["client_cpu_s"] > 0 and 0 < paced["client_busiest_cpu_share"] < 1.5
+
+
+def test_achieved_arrival_rate():
+    from pagedserve.bench.serving_stats import arrival_rate
+
+    assert arrival_rate([10.0, 10.5, 11.0]) == 2.0
+    assert arrival_rate([3.0, 3.0]) == float("inf") and arrival_rate([3.0]) == 0.0
+
+
+def test_serving_start_time_is_common_to_every_client(stand_in_url):
+    from pagedserve.bench.serving_client import run_client_processes
+
+    shards = [[(0.0, [5, 6], 2), (0.05, [7], 2)] for _ in range(3)]
+    runs, start = run_client_processes(stand_in_url, "m", shards)
+    scheduled = sorted({o.scheduled for run in runs for o in run.outcomes})
+    assert scheduled == [start, start + 0.05]
+    # sent at (asyncio may wake a clock tick early) or after its time
+    assert all(o.sent >= o.scheduled - 0.01 and o.error is None
+               for run in runs for o in run.outcomes)
+
+
+def test_serving_sweep_runs_rates_up_to_saturation_and_plots(serving, throughput, stand_in_url,
+                                                              tmp_path, capsys):
+    workload = throughput.make_workload(throughput.parse_args(
+        ["--num-prompts", "6", "--max-prompt-len", "8", "--output-len", "3"]), 100)
+    args = serving.parse_args(["--sweep", "--clients", "2", "--out", str(tmp_path / "s.json")])
+    rows = serving.sweep(stand_in_url, "m", workload, args, seed=0)
+    assert [r["request_rate"] for r in rows[:1]] == [float("inf")]
+    saturation = rows[0]["requests_per_s"]
+    assert [r["request_rate"] for r in rows[1:]] == pytest.approx(
+        [f * saturation for f in serving.SWEEP_FRACTIONS])
+    assert all(r["errors"] == 0 and r["ttft_s"]["p99"] >= r["ttft_s"]["p50"] for r in rows)
+    serving.print_sweep(rows)
+    assert "ttft p99 (s)" in capsys.readouterr().out
+    png = serving.plot_sweep(rows, tmp_path / "sweep.png")
+    assert png is not None and png.stat().st_size > 0
+    assert serving.parse_args(["--sweep", "1,2.5"]).sweep == [1.0, 2.5]
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--sweep", "0,x"])

@@ -374,7 +374,7 @@ def test_infinite_logprobs_become_finite_json():
 
 def test_real_engine_deltas_stream_and_build_the_same_text(tiny_llama):
     from pagedserve.config import EngineConfig
-    from pagedserve.replicas.engine.async_engine import AsyncEngine
+    from pagedserve.replicas.engine.engine_client import EngineClient
 
     request = parse_chat_request(chat(n=2, temperature=0.8, seed=1, max_tokens=8, ignore_eos=True,
                                       logprobs=True, top_logprobs=2, stream=True,
@@ -382,9 +382,9 @@ def test_real_engine_deltas_stream_and_build_the_same_text(tiny_llama):
     params = to_sampling_params(request, max_model_len=128, prompt_len=4)
 
     async def run() -> list[RequestOutput]:
-        engine = AsyncEngine.from_config(
+        engine = EngineClient(
             EngineConfig(model=str(tiny_llama), device="cpu", num_kvcache_blocks=32),
-            progress=False)
+            torch_threads=1)
         try:
             return [d async for d in await engine.add_request([5, 9, 100, 7], params)]
         finally:

@@ -129,14 +129,16 @@ class LLMEngine:
         return [self._grammars.matcher(params.structured) for _ in range(params.n)]
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; unknown or finished ids are ignored."""
+        """Stop a request now and free its blocks; unknown or finished ids are ignored.
+
+        Returns the request's last delta (what was new since its previous output)."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         request.abort()
         for seq in request.seqs:
             self.scheduler.finish(seq)
-        return request.output()
+        return request.delta()
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (if any); the engine cannot step afterwards."""
@@ -158,11 +160,13 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self, stream: bool | Callable[[str], bool] = True) -> list[RequestOutput]:
-        """Run one batch; return the output of every request that advanced.
+        """Run one batch; return a delta for every request that advanced.
 
-        With `stream=False` only finished requests' outputs are built (the offline API needs no
-        more), which saves building and detokenizing every running request every step; a
-        callable decides per request id (a server builds them only for waiting consumers).
+        A request's output holds only what is new since its previous one (`Request.delta`):
+        its first holds everything so far. With `stream=False` only finished requests' outputs
+        are built, so each holds the whole result (the offline API needs no more), which saves
+        building and detokenizing every running request every step; a callable decides per
+        request id (a server builds them only for waiting consumers).
 
         On CUDA the step is pipelined: this call launches the next batch, then collects the
         previous one's tokens while the GPU works, so outputs lag the launch by one step.
@@ -250,7 +254,7 @@ class LLMEngine:
             finished = request.finished
             wanted = stream(request.request_id) if callable(stream) else stream
             if wanted or finished:
-                outputs.append(request.output())
+                outputs.append(request.delta())
             if finished:
                 del self.requests[request.request_id]
         return outputs

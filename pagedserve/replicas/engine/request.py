@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.replicas.engine.detokenizer import IncrementalDetokenizer
-from pagedserve.replicas.engine.sequence import Sequence
+from pagedserve.replicas.engine.sequence import PLACEHOLDER, Sequence
 from pagedserve.replicas.engine.structured import accept
 from pagedserve.sampling_params import SamplingParams
 
@@ -34,6 +34,11 @@ class Request:
         # Without stop strings, text is only needed when an output is built: ids wait here and
         # are detokenized in one pass then, instead of two tokenizer calls per token per step.
         self._undecoded: list[list[int]] = [[] for _ in self.seqs]
+        # Per completion, what earlier deltas carried: output tokens, characters of text, and
+        # whether the finish reason went out.
+        self._sent_tokens = [0] * len(self.seqs)
+        self._sent_text = [0] * len(self.seqs)
+        self._sent_finish = [False] * len(self.seqs)
 
     @property
     def finished(self) -> bool:
@@ -98,10 +103,19 @@ class Request:
                 self._flush(seq)
                 detok.finish()
 
-    def output(self) -> RequestOutput:
+    def delta(self) -> RequestOutput:
+        """What is new since this request's previous delta (the first: everything so far).
+
+        Per completion: the tokens sampled since (those still in flight excluded), the text
+        they added, their logprobs and, once, the finish reason; a completion without news is
+        left out. Nothing already sent is copied again.
+        """
+        completions = []
         for seq in self.seqs:
             self._flush(seq)
-        completions = [self._completion(seq) for seq in self.seqs]
+            completion = self._completion_delta(seq)
+            if completion is not None:
+                completions.append(completion)
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -111,14 +125,26 @@ class Request:
             num_cached_tokens=self.seqs[0].num_cached_tokens,
         )
 
-    def _completion(self, seq: Sequence) -> CompletionOutput:
+    def _completion_delta(self, seq: Sequence) -> CompletionOutput | None:
+        i = seq.index
+        sent_tokens, sent_text = self._sent_tokens[i], self._sent_text[i]
+        start, end = seq.num_prompt_tokens + sent_tokens, len(seq.token_ids)
+        while end > start and seq.token_ids[end - 1] == PLACEHOLDER:
+            end -= 1  # sampled on the device, not known yet: it goes with a later delta
+        text = self.detokenizers[i].text
+        finishing = seq.finish_reason is not None and not self._sent_finish[i]
+        if end == start and len(text) == sent_text and not finishing:
+            return None
+        self._sent_tokens[i] = end - seq.num_prompt_tokens
+        self._sent_text[i] = len(text)
+        self._sent_finish[i] = seq.finish_reason is not None
         want_logprobs = self.params.logprobs is not None
         return CompletionOutput(
-            index=seq.index,
-            text=self.detokenizers[seq.index].text,
-            token_ids=list(seq.output_token_ids),
+            index=i,
+            text=text[sent_text:],
+            token_ids=seq.token_ids[start:end],
             cumulative_logprob=seq.cumulative_logprob if want_logprobs else None,
-            logprobs=list(seq.logprobs) if want_logprobs else None,
+            logprobs=seq.logprobs[sent_tokens:self._sent_tokens[i]] if want_logprobs else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )

@@ -1,4 +1,5 @@
-"""The engine in its own process: same streams as in-process, clean errors, crash detection."""
+"""The engine client and its engine process: streams equal the offline result, clean errors,
+abort on early exit, crash detection."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
-from pagedserve.replicas.engine.async_engine import EngineDeadError
-from pagedserve.replicas.engine.process_engine import ProcessEngine
+from pagedserve.replicas.engine.engine_client import EngineClient, EngineDeadError
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -17,7 +17,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine(tiny_model_factory):
     model_dir = tiny_model_factory("llama-gqa-tied")
-    eng = ProcessEngine(EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64),
+    eng = EngineClient(EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64),
                         torch_threads=1)
     eng.model_dir = model_dir
     yield eng
@@ -67,9 +67,12 @@ def test_streams_equal_the_offline_result_also_for_slow_consumers(engine):
 
 
 def test_bad_input_is_a_value_error_and_leaving_early_frees_blocks(engine):
+    """The engine goes on after bad input; a stream left early is aborted in the engine."""
     async def main():
         with pytest.raises(ValueError, match="prompt is empty"):
             await engine.add_request("", PARAMS)
+        with pytest.raises(ValueError, match="token id"):
+            await engine.add_request([1, 10**9], PARAMS)
         long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
         stream = await engine.add_request("w3 w4 w5", long)
         async for _ in stream:
@@ -85,7 +88,7 @@ def test_bad_input_is_a_value_error_and_leaving_early_frees_blocks(engine):
 
 def test_a_dead_engine_process_fails_streams_and_health(tiny_model_factory):
     model_dir = tiny_model_factory("llama-gqa-tied")
-    eng = ProcessEngine(EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64))
+    eng = EngineClient(EngineConfig(model=str(model_dir), device="cpu", num_kvcache_blocks=64))
 
     async def main():
         long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
@@ -104,7 +107,7 @@ def test_a_dead_engine_process_fails_streams_and_health(tiny_model_factory):
 
 def test_an_engine_that_cannot_start_raises(tmp_path):
     with pytest.raises(RuntimeError, match="failed to start"):
-        ProcessEngine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+        EngineClient(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
 
 
 def test_a_delta_budget_paces_streams_without_changing_them(tiny_model_factory):
@@ -116,7 +119,7 @@ def test_a_delta_budget_paces_streams_without_changing_them(tiny_model_factory):
     expected = LLM(str(model_dir), progress=False, device="cpu", num_kvcache_blocks=64).generate(
         ["w5 w9 w100 w7", "w8 w2"], params, use_tqdm=False)
     rate = 10.0  # two streams: one delta per stream every 0.2 s
-    eng = ProcessEngine(config, torch_threads=1, max_deltas_per_s=rate)
+    eng = EngineClient(config, torch_threads=1, max_deltas_per_s=rate)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -171,3 +174,34 @@ def test_an_engine_whose_server_left_before_ready_ends_quietly():
     engine = _BuiltEngine()
     serve_engine(ours, {}, None, None, {}, engine=engine)  # returns: no BrokenPipeError
     assert not engine.served
+
+
+class _BrokenEngine(_BuiltEngine):
+    """An engine whose device fails at its first step."""
+
+    def __init__(self) -> None:
+        self.requests: set[str] = set()
+
+    def add_request(self, request_id, prompt, params) -> None:
+        self.requests.add(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self, stream):
+        raise RuntimeError("simulated device failure")
+
+
+def test_an_engine_that_fails_a_step_tells_its_client_why():
+    from multiprocessing import Pipe
+
+    from pagedserve.replicas.engine.engine_core import serve_engine
+
+    ours, theirs = Pipe()
+    theirs.send(("add", 0, "r", "w5 w6", PARAMS))
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        serve_engine(ours, {}, None, None, {}, engine=_BrokenEngine())
+    messages = [theirs.recv() for _ in range(3)]
+    assert [m[0] for m in messages] == ["ready", "result", "dead"]
+    assert messages[1][2] is True  # the add itself succeeded
+    assert "simulated device failure" in messages[2][1]

@@ -34,10 +34,7 @@ def own_node_cluster(head_cpus: int = 0) -> Iterator[ray.cluster_utils.Cluster]:
     at first; the caller adds (and removes) worker nodes. This driver is joined to it."""
     if ray.is_initialized():
         raise RuntimeError("this process is still the driver of another Ray cluster")
-    from ray.cluster_utils import Cluster
-
-    nodes = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": head_cpus, "include_dashboard": False})
+    nodes = _start_head(head_cpus)
     try:
         ray.init(address=nodes.address, logging_level="warning")
         yield nodes
@@ -47,6 +44,37 @@ def own_node_cluster(head_cpus: int = 0) -> Iterator[ray.cluster_utils.Cluster]:
         serve.shutdown()
         leave_ray_cluster()
         nodes.shutdown()
+
+
+def _start_head(head_cpus: int, attempts: int = 2):
+    """A `Cluster` with its head started, tried again once if the head's daemons never came up.
+
+    Once in CI the head's GCS never wrote its port file ("Timed out waiting for file
+    .../gcs_server_port_..."), the fork hazard `_start_local_cluster` describes; a second start
+    gets a fresh fork. The failed head's processes are stopped first.
+    """
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return Cluster(initialize_head=True, head_node_args={
+                "num_cpus": head_cpus, "include_dashboard": False})
+        except RuntimeError as err:
+            if attempt == attempts or "Timed out waiting for file" not in str(err):
+                raise
+            warnings.warn(f"the head node did not start ({err}); starting it again",
+                          stacklevel=2)
+            _stop_unregistered_head()
+    raise AssertionError("unreachable")
+
+
+def _stop_unregistered_head() -> None:
+    """Stop the Ray daemons a failed `Cluster` head left (they belong to no cluster object)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                   capture_output=True, timeout=120, check=False)
 
 
 def _start_local_cluster(num_cpus: int, init_args: dict | None = None, attempts: int = 2) -> None:

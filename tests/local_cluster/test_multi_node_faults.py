@@ -34,6 +34,7 @@ CONCURRENCY = 7
 BODY = {"model": "tiny", "prompt": "w5 w6 w7 w8 w9", "max_tokens": MAX_TOKENS, "temperature": 0,
         "ignore_eos": True}
 TIMEOUT_S = 120
+LONG_STREAM_TOKENS = 480  # two such sequences fit a replica's 64 blocks of 16 tokens
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,9 @@ def test_ingress_killed_its_streams_end_and_new_requests_are_served(cluster):
 
 def test_node_removed_unstarted_requests_are_readmitted(cluster):
     nodes, (first, second) = cluster["nodes"], cluster["workers"]
-    load = _load()
+    # Long streams: the lost node's worker runs on until it sees its raylet gone, and streams
+    # of 48 tokens could all finish first (then none is cut and the test shows nothing).
+    load = _load(LONG_STREAM_TOKENS)
 
     (doomed,) = [r.replica_id for r in _details("Replica") if r.node_id == first.node_id]
     # Only replicas are lost with the node: the replaced router and ingress run on the head.
@@ -135,8 +138,8 @@ def test_node_removed_unstarted_requests_are_readmitted(cluster):
     _check_all_blocks_free()
 
 
-def _load() -> Load:
-    return Load(serve.get_app_handle(APP), BODY, CONCURRENCY)
+def _load(max_tokens: int = MAX_TOKENS) -> Load:
+    return Load(serve.get_app_handle(APP), {**BODY, "max_tokens": max_tokens}, CONCURRENCY)
 
 
 def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S):

@@ -24,18 +24,10 @@ def engine(tiny_model_factory):
     asyncio.run(eng.shutdown())
 
 
-async def collect(stream) -> tuple[str, list[int], str | None]:
-    text, tokens, reason = "", [], None
-    async for delta in stream:
-        for c in delta.outputs:
-            text += c.text
-            tokens += c.token_ids
-            reason = c.finish_reason or reason
-    return text, tokens, reason
-
-
-async def slow_collect(stream) -> tuple[str, list[int], str | None, int]:
-    """A consumer slower than the engine: it should get fewer, larger deltas."""
+async def collect_counted(stream, pause_s: float = 0.0
+                          ) -> tuple[str, list[int], str | None, int]:
+    """The joined text, tokens, finish reason and number of deltas of `stream`; with
+    `pause_s`, a consumer slower than the engine (it should get fewer, larger deltas)."""
     text, tokens, reason, items = "", [], None, 0
     async for delta in stream:
         items += 1
@@ -43,8 +35,17 @@ async def slow_collect(stream) -> tuple[str, list[int], str | None, int]:
             text += c.text
             tokens += c.token_ids
             reason = c.finish_reason or reason
-        await asyncio.sleep(0.05)
+        if pause_s:
+            await asyncio.sleep(pause_s)
     return text, tokens, reason, items
+
+
+async def collect(stream) -> tuple[str, list[int], str | None]:
+    return (await collect_counted(stream))[:3]
+
+
+async def slow_collect(stream) -> tuple[str, list[int], str | None, int]:
+    return await collect_counted(stream, pause_s=0.05)
 
 
 def test_streams_equal_the_offline_result_also_for_slow_consumers(engine):
@@ -138,17 +139,6 @@ def test_a_delta_budget_paces_streams_without_changing_them(tiny_model_factory):
         # the first delta comes at once, the last one unasked; in between one per 0.2 s
         assert items <= elapsed * rate / 2 + 2
         assert items < len(tokens)
-
-
-async def collect_counted(stream) -> tuple[str, list[int], str | None, int]:
-    text, tokens, reason, items = "", [], None, 0
-    async for delta in stream:
-        items += 1
-        for c in delta.outputs:
-            text += c.text
-            tokens += c.token_ids
-            reason = c.finish_reason or reason
-    return text, tokens, reason, items
 
 
 class _BuiltEngine:

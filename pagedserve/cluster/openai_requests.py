@@ -314,6 +314,11 @@ def _parse(model: type[BaseModel], body: object):
             body = json.loads(body)
         except ValueError as err:
             raise APIError.bad_request(f"The request body is not valid JSON: {err}") from err
+    return validate_body(model, body)
+
+
+def validate_body(model: type[BaseModel], body: object):
+    """`body` (a decoded JSON value) as `model`; APIError 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError.bad_request("The request body must be a JSON object.")
     try:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_prompts import chat_messages, render_chat
 from pagedserve.cluster.openai_requests import (
     ChatCompletionRequest,
     NonNegativeInt,
-    validation_error_to_api_error,
+    validate_body,
 )
 
 
@@ -41,11 +41,11 @@ class DetokenizeRequest(BaseModel):
 
 def tokenize(body: object, tokenizer, max_model_len: int) -> dict:
     """The `/tokenize` answer; APIError 400 for a bad body."""
-    request = _parse(TokenizeRequest, body)
+    request = validate_body(TokenizeRequest, body)
     if (request.prompt is None) == (request.messages is None):
         raise APIError.bad_request("give exactly one of prompt or messages.", "prompt")
     if request.messages is not None:
-        chat = _parse(ChatCompletionRequest, {"messages": request.messages})
+        chat = validate_body(ChatCompletionRequest, {"messages": request.messages})
         tokens = render_chat(chat, tokenizer) if request.add_generation_prompt else \
             _render_without_generation_prompt(chat, tokenizer)
     else:
@@ -59,7 +59,7 @@ def tokenize(body: object, tokenizer, max_model_len: int) -> dict:
 
 def detokenize(body: object, tokenizer, vocab_size: int) -> dict:
     """The `/detokenize` answer; APIError 400 for a bad body or an id outside the vocabulary."""
-    request = _parse(DetokenizeRequest, body)
+    request = validate_body(DetokenizeRequest, body)
     outside = [t for t in request.tokens if t >= vocab_size]
     if outside:
         raise APIError.bad_request(f"token id {outside[0]} is outside the vocabulary (size "
@@ -72,11 +72,3 @@ def _render_without_generation_prompt(chat: ChatCompletionRequest, tokenizer) ->
                                              tokenize=False)
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
-
-def _parse(model: type[BaseModel], body: object):
-    if not isinstance(body, dict):
-        raise APIError.bad_request("The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as err:
-        raise validation_error_to_api_error(err) from None

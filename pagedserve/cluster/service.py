@@ -121,8 +121,8 @@ class OpenAIService:
             try:
                 await asyncio.to_thread(self._grammar_check, spec)
             except ValueError as err:
-                raise APIError.bad_request(f"Invalid '{structured_param(prepared.request)}': "
-                                           f"{err}.", structured_param(prepared.request)) from None
+                param = structured_param(prepared.request)
+                raise APIError.bad_request(f"Invalid '{param}': {err}.", param) from None
 
     def _grammar_check(self, spec) -> None:
         if self._grammars is None:

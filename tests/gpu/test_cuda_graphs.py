@@ -78,3 +78,36 @@ def test_graph_replay_matches_eager_forward_on_one_step(model_dir):
         replay = runner.graphs.run(inputs, size)[: len(seqs)].clone()
         eager = runner.model(inputs.ids, inputs.positions, inputs.meta, runner.kv_cache)
     torch.testing.assert_close(replay, eager[: len(seqs)], rtol=1e-4, atol=1e-4)
+
+
+def test_deferred_graphs_decode_like_eager_before_and_after_the_rest_are_captured(model_dir):
+    """A server's engine captures the early sizes before ready and the rest when idle; a batch
+    of 9 pads to the largest graph until 16 exists, with the eager forward's tokens throughout."""
+    from pagedserve.config import EngineConfig
+    from pagedserve.replicas.engine.cuda_graphs import early_sizes
+    from pagedserve.replicas.engine.llm_engine import LLMEngine
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    config = EngineConfig(model=str(model_dir), device="cuda", dtype="float32",
+                          num_kvcache_blocks=256, max_num_seqs=32)
+
+    def tokens(engine) -> list[list[int]]:
+        for i, p in enumerate(prompts()):
+            engine.add_request(f"r{i}", p, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step(stream=False):
+                done[out.request_id] = out.outputs[0].token_ids
+        return [done[f"r{i}"] for i in range(len(LENGTHS))]
+
+    eager = tokens(LLMEngine(config.model_copy(update={"enforce_eager": True}), progress=False))
+    engine = LLMEngine(config, progress=False, defer_graphs=True)
+    graphs = engine.runner.graphs
+    assert graphs.sizes == early_sizes(graphs.ladder) == [1, 2, 4, 8, 32]
+    assert graphs.padded_size(len(LENGTHS)) == 32
+    assert tokens(engine) == eager
+    while engine.idle_work():
+        pass
+    assert graphs.sizes == graphs.ladder and not graphs.pending
+    assert graphs.padded_size(len(LENGTHS)) == 16
+    assert tokens(engine) == eager

@@ -52,3 +52,11 @@ def test_warm_up_runs_every_kind_of_step_and_leaves_the_engine_clean(tiny_llama)
 def test_cuda_engines_warm_up_before_ready_cpu_engines_do_not(tiny_llama):
     llm = LLM(str(tiny_llama), progress=False, device="cpu", num_kvcache_blocks=64)
     assert "kernel_warmup" not in llm.engine.startup_phases
+
+
+def test_early_graph_sizes_are_the_small_ones_and_the_largest():
+    from pagedserve.replicas.engine.cuda_graphs import batch_size_ladder, early_sizes
+
+    assert early_sizes(batch_size_ladder(256)) == [1, 2, 4, 8, 256]
+    assert early_sizes(batch_size_ladder(5)) == [1, 2, 4, 5]
+    assert early_sizes(batch_size_ladder(1)) == [1]

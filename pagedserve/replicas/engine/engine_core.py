@@ -81,7 +81,7 @@ def _build_engine(conn, config: dict, torch_threads: int | None, init_method: st
         torch.set_num_threads(torch_threads)
     try:
         return LLMEngine(EngineConfig(**config), progress=False, init_method=init_method,
-                         tensors=tensors, model=model, files=files)
+                         tensors=tensors, model=model, files=files, defer_graphs=True)
     except BaseException as err:
         conn.send(("dead", f"engine failed to start: {err!r}"))
         return None
@@ -104,10 +104,15 @@ class _EngineCore:
         self.stopping = False
 
     def serve(self) -> None:
+        deferred = True  # start-up work left for idle moments (`LLMEngine.idle_work`)
         try:
             while not self.stopping:
-                self._handle_commands(block=not self.engine.has_unfinished_requests())
-                if self.stopping or not self.engine.has_unfinished_requests():
+                idle = not self.engine.has_unfinished_requests()
+                self._handle_commands(block=idle and not deferred)
+                if self.stopping:
+                    continue
+                if not self.engine.has_unfinished_requests():
+                    deferred = deferred and self.engine.idle_work()
                     continue
                 outputs = self.engine.step(stream=self.wanted.__contains__)
                 if outputs:

@@ -55,11 +55,13 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, progress: bool = True,
                  init_method: str | None = None, tensors=None, model=None,
-                 files: ModelFiles | None = None) -> None:
+                 files: ModelFiles | None = None, defer_graphs: bool = False) -> None:
         """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
-        the model directory's safetensors files (e.g. the object store); `model`: the model
-        already loaded on this engine's device (a standby engine's), used as it is; `files`:
-        the model's config and tokenizer, read ahead (used only if it is `config.model`'s)."""
+        the model directory's safetensors files (e.g. the node's weight store); `model`: the
+        model already loaded on this engine's device (a standby engine's), used as it is;
+        `files`: the model's config and tokenizer, read ahead (used only if it is
+        `config.model`'s); `defer_graphs`: a server's engine, ready sooner: the decode graphs
+        that are not needed at once are captured later, by `idle_work`."""
         self.config = config
         self.num_steps, self.step_seconds = 0, 0.0  # for the step-time metrics
         started = time.perf_counter()
@@ -80,7 +82,8 @@ class LLMEngine:
             self.device = tp.device
         try:
             self.runner = ModelRunner(config, self.spec, self.model_dir, self.device, self.dtype,
-                                      self.eos_token_ids, progress, tp, tensors, model)
+                                      self.eos_token_ids, progress, tp, tensors, model,
+                                      defer_graphs)
         except BaseException:
             self._leave_group(tp)
             raise
@@ -158,6 +161,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def idle_work(self) -> bool:
+        """Do one piece of the start-up work deferred past ready (a decode graph to capture);
+        True while more remains. Call only while no request is unfinished: a piece holds the
+        engine for tens of milliseconds."""
+        if self.requests:
+            return True  # not now: later, when idle
+        if self._in_flight is not None:  # a batch launched before its requests ended
+            self._resolve({})
+        return self.runner.capture_next_graph()
 
     def step(self, stream: bool | Callable[[str], bool] = True) -> list[RequestOutput]:
         """Run one batch; return a delta for every request that advanced.

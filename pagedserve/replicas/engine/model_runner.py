@@ -52,9 +52,12 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, model_dir: str | Path,
                  device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
                  progress: bool = True, tp: TensorParallel | None = None,
-                 tensors=None, model=None) -> None:
+                 tensors=None, model=None, defer_graphs: bool = False) -> None:
         """`tensors`: the checkpoint's tensors from elsewhere than `model_dir`; `model`: the
-        model already built and loaded on `device` (a standby engine's)."""
+        model already built and loaded on `device` (a standby engine's); `defer_graphs`:
+        capture only the decode graphs a new replica needs before ready, the rest later
+        (`capture_next_graph`; one rank only: under tensor parallelism every rank would have
+        to capture together)."""
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
         self.block_size = config.block_size
         self.tp = tp
@@ -74,7 +77,7 @@ class ModelRunner:
             )
         self.sampler = Sampler(eos_token_ids)
         with self.timer.phase("cuda_graphs"):
-            self.graphs = self._capture_graphs()
+            self.graphs = self._capture_graphs(defer_graphs and tp is None)
         # the step pipes: a collective, at the same point on every rank
         self.broadcaster = StepBroadcaster(tp) if tp is not None and tp.rank == 0 else None
         self.receiver = StepReceiver(tp) if tp is not None and tp.rank > 0 else None
@@ -135,6 +138,13 @@ class ModelRunner:
             self.broadcaster.stop()
             self.broadcaster = None
 
+    def capture_next_graph(self) -> bool:
+        """Capture one deferred decode graph; True while more are pending. Call only with no
+        step in flight."""
+        if self.graphs is None or not self.graphs.pending:
+            return False
+        return self.graphs.capture_next()
+
     def release_graphs(self) -> None:
         """Free the decode CUDA graphs (before leaving a tensor-parallel group); runs eagerly after."""
         if self.graphs is not None:
@@ -176,7 +186,7 @@ class ModelRunner:
             return None  # eager: no graphs, or a step with prefill chunks
         return self.graphs.padded_size(num_seqs)
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
+    def _capture_graphs(self, early_only: bool) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager:
             return None
         if not _attention_is_capturable(self.kv_cache[0, 0]):
@@ -185,7 +195,7 @@ class ModelRunner:
         max_batch = min(self.config.max_num_seqs, _MAX_GRAPH_BATCH)
         graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, self.max_blocks_per_seq)
         try:
-            graphs.capture()
+            graphs.capture_early() if early_only else graphs.capture()
         except RuntimeError as err:  # e.g. an attention implementation that syncs with the host
             logger.warning("decode CUDA graphs unavailable, running eagerly: %s", err)
             torch.cuda.synchronize()

@@ -8,10 +8,15 @@ One Ray cluster, one run, every path next to `disk`:
   `object_store`, `standby_host` and `standby_device`: "decision" is the moment the replica
   actor is requested, as Serve's controller does on a scale-up; the replica then runs the same
   start path as a Serve replica (`replicas.startup`): a standby claimed from the node's pool
-  (ready beforehand: that is the point of one), or weight fetch and a new engine process, then
-  weights, KV cache, CUDA graphs, one warm-up generation, and one request whose first token
-  ends the measurement. The model's files are dropped from the page cache before each disk
-  start (posix_fadvise, no root needed).
+  (ready beforehand: that is the point of one), or a new engine process, then weights, KV
+  cache, CUDA graphs, one warm-up generation, and one request whose first token ends the
+  measurement. `object_store` is the weight store's path as configured for a GPU node: an
+  `imported` standby (a process with its imports done, nothing on the device) loads the
+  weights from the node's store; `disk` spawns an engine process that reads the files, which
+  are dropped from the page cache before each start (posix_fadvise, no root needed). Every
+  path runs with the node's warm Ray workers (`standby.warm_workers: 1`) under
+  `RAY_preload_python_modules`, as `pagedserve serve` starts Ray; each run records whether its
+  actor landed in one (`warm_worker`).
 - `burst_to_first_token_s` (end to end through Serve and HTTP, `scaleup_burst`), for
   `--burst-paths` (default: parked and the standby paths).
 Writes JSON (`summary[path]`) and a timeline PNG.
@@ -37,11 +42,14 @@ except ModuleNotFoundError:  # run as `python benchmarks/scaleup.py`
 from pagedserve.replicas.models.loader import safetensors_files
 from pagedserve.replicas.models.registry import resolve_model_dir
 from pagedserve.replicas.node.services import STANDBY_POOL, WEIGHT_STORE, NodeServices, find
+from pagedserve.replicas.node.warm_workers import preload_environment
 
 try:
     from benchmarks import scaleup_burst
+    from benchmarks.scaleup_burst import standby_mode
 except ModuleNotFoundError:  # run as `python benchmarks/scaleup.py`
     import scaleup_burst
+    from scaleup_burst import standby_mode
 
 DECISION_PATHS = ("disk", "object_store", "standby_host", "standby_device")
 BURST_PATHS = ("parked", "standby_device", "standby_host")
@@ -56,7 +64,7 @@ class Directory:
     def __init__(self, app: str, model: str | None, max_gib: float | None,
                  standby: dict | None) -> None:
         store = {"max_gib": max_gib} if max_gib is not None else None
-        self.services = NodeServices(app, model, store, standby)
+        self.services = NodeServices(app, model, store, standby, warm_workers=1)
 
     def ensure_node_services(self, node_id: str) -> bool:
         self.services.ensure(node_id)
@@ -72,6 +80,13 @@ class NewReplica:
 
     async def run(self, config: dict, directory, app: str, decided_at: float) -> dict:
         actor_start = time.time() - decided_at  # the actor's process, up to this call
+        import sys
+
+        import psutil
+
+        # A warm worker: a process older than the decision, with Ray Serve imported.
+        warm = (psutil.Process().create_time() < decided_at
+                and "ray.serve._private.replica" in sys.modules)
         from pagedserve.replicas.engine.startup_phases import PhaseTimer
 
         timer = PhaseTimer()
@@ -93,7 +108,7 @@ class NewReplica:
             first_token_at = time.time()  # before the engine's shutdown, which is not the start
         finally:
             await engine.shutdown()
-        return {"weights_from": source, "phases": timer.phases,
+        return {"weights_from": source, "phases": timer.phases, "warm_worker": warm,
                 "decision_to_first_token_s": first_token_at - decided_at}
 
 
@@ -118,8 +133,8 @@ def drop_page_cache(model_dir: Path) -> bool:
 
 def path_config(config: dict, path: str) -> dict:
     store = path == "object_store"
-    standby = ({"per_node": 1, "mode": path.removeprefix("standby_")}
-               if path.startswith("standby_") else {"per_node": 0})
+    mode = standby_mode(path)
+    standby = {"per_node": 1, "mode": mode} if mode else {"per_node": 0}
     return {**config, "standby": standby,
             "weight_store": {"max_gib": config["weight_store"]["max_gib"], "enabled": store}}
 
@@ -151,9 +166,8 @@ def directories(model: str | None, max_gib: float, config: dict, paths: list[str
     for path in paths:
         app = f"scaleup-{path}"
         standby = None
-        if path.startswith("standby_"):
-            standby = {"engine": config["engine"], "per_node": 1,
-                       "mode": path.removeprefix("standby_")}
+        if standby_mode(path):
+            standby = {"engine": config["engine"], "per_node": 1, "mode": standby_mode(path)}
         store_gib = max_gib if path == "object_store" else None  # one copy in the store
         out[path] = (app, Directory.remote(app, model, store_gib, standby))
         ray.get(out[path][1].ensure_node_services.remote(node))
@@ -167,6 +181,7 @@ def run(args: argparse.Namespace) -> dict:
                          "num_kvcache_blocks": args.kv_blocks},
               "torch_threads": args.torch_threads, "weight_store": {"max_gib": args.max_gib}}
     paths = [p for p in args.paths.split(",") if p]
+    os.environ.update(preload_environment())  # as `pagedserve serve` starts Ray
     ray.init(num_cpus=max(4, os.cpu_count() or 4), include_dashboard=False,
              logging_level="warning")
     try:
@@ -185,14 +200,15 @@ def run(args: argparse.Namespace) -> dict:
                 app, directory = dirs[path]
                 if path == "disk":
                     cache_dropped = drop_page_cache(model_dir)
-                if path.startswith("standby_"):
+                if standby_mode(path):
                     wait_standby_ready(app)
+                scaleup_burst.wait_warm_worker()
                 runs.append({"path": path, **start_replica(path_config(config, path), directory,
                                                            app, num_gpus)})
                 phases = ", ".join(f"{k} {v:.2f}" for k, v in runs[-1]["phases"].items())
                 print(f"{path:>15}: {runs[-1]['decision_to_first_token_s']:.2f} s to the "
-                      f"first token (engine from {runs[-1]['weights_from']}): {phases}",
-                      flush=True)
+                      f"first token (engine from {runs[-1]['weights_from']}, warm worker "
+                      f"{runs[-1]['warm_worker']}): {phases}", flush=True)
         for directory in dirs.values():
             ray.kill(directory[1])
         bursts = {}

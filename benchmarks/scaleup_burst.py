@@ -5,7 +5,9 @@ replicas, metrics every 0.1 s, no Serve delays):
 - `parked`: one parked replica; the router un-parks it when the burst's last request fits on no
   serving one (no replica starts);
 - `standby_device` / `standby_host` / `object_store` / `disk`: Serve starts a second replica,
-  which adopts a standby of that mode, or loads from the weight store, or from disk.
+  which adopts a standby of that mode, or an `imported` standby that loads from the weight
+  store, or spawns an engine that reads the files. The node keeps a warm Ray worker for it
+  (`standby.warm_workers`), ready before each burst.
 A burst is `max_num_seqs + 1` streamed completions sent at once: the first replica takes
 `max_num_seqs`; the last waits for new capacity. Its time from the burst's first request to its
 first token is `burst_to_first_token_s`. The burst is then cut short and the application waits
@@ -24,11 +26,19 @@ import ray
 from ray import serve
 
 from pagedserve.cluster.app import APP_NAME, build_app
+from pagedserve.replicas.node.warm_workers import idle_workers
 from pagedserve.replicas.parallel.rendezvous import free_port
 
 SETTLE_TIMEOUT_S = 300.0
 BURST_TOKENS = 4096  # long enough that the first replica stays full until the burst is cut
 BURST_TIMEOUT_S = 180.0  # every request of a burst has its first token by then, or it failed
+
+
+def standby_mode(path: str) -> str | None:
+    """The standby engines a path's node keeps (None: a new replica spawns its engine)."""
+    if path == "object_store":
+        return "imported"
+    return path.removeprefix("standby_") if path.startswith("standby_") else None
 
 
 def app_args(engine: dict, path: str, torch_threads: int | None, num_gpus: float,
@@ -44,8 +54,8 @@ def app_args(engine: dict, path: str, torch_threads: int | None, num_gpus: float
     }
     if path == "parked":
         args["standby"] = {"parked": 1}
-    elif path.startswith("standby_"):
-        args["standby"] = {"per_node": 1, "mode": path.removeprefix("standby_")}
+    elif standby_mode(path):
+        args["standby"] = {"per_node": 1, "mode": standby_mode(path)}
     return args
 
 
@@ -127,7 +137,7 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], firsts
 
 def _wait_for_serving(count: int, standby: bool) -> None:
     """Until the router has exactly `count` serving replicas, nothing running, and (with
-    standby engines) a standby ready again."""
+    standby engines) a standby ready again; then until a warm Ray worker is idle."""
     router = serve.get_deployment_handle("Router", APP_NAME)
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -135,9 +145,22 @@ def _wait_for_serving(count: int, standby: bool) -> None:
         serving = [r for r in stats["replicas"].values() if not r["parked"]]
         idle = all(r["num_running"] == 0 for r in stats["replicas"].values())
         if len(serving) == count and idle and (not standby or _standby_ready()):
+            wait_warm_worker()
             return
         time.sleep(0.2)
     raise TimeoutError(f"the application did not settle at {count} serving replica(s)")
+
+
+def wait_warm_worker(timeout_s: float = 60.0) -> bool:
+    """Until this node has an idle warm Ray worker of this driver's job (Serve's replicas are
+    of it too); False, said, if none came in time (the next start then makes a new worker)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if idle_workers() >= 1:
+            return True
+        time.sleep(0.2)
+    print(f"  no warm Ray worker on the node after {timeout_s:.0f} s", flush=True)
+    return False
 
 
 def _standby_ready() -> bool:

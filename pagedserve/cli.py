@@ -100,8 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
     serve_cli = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
+    from pagedserve.replicas.node.warm_workers import preload_environment
+
     print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
-    return subprocess.call([serve_cli, "run", f.name])
+    # A local Ray started by `serve run` preloads Ray Serve into its workers (warm workers).
+    return subprocess.call([serve_cli, "run", f.name], env={**os.environ, **preload_environment()})
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -114,7 +114,8 @@ class StandbyConfig(BaseModel):
     nothing to until it needs them (un-parking is a router decision: instant). They hold their
     Ray resources. `per_node`: engine processes each node keeps ready for the next replica
     placed there (imports done; per `mode`, weights also in host memory or on a GPU). Standby
-    processes hold no Ray resources.
+    processes hold no Ray resources. `warm_workers`: idle Ray workers each node keeps for the
+    next replica's actor (no Ray resources; see `replicas.node.warm_workers`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -122,6 +123,7 @@ class StandbyConfig(BaseModel):
     parked: int = Field(default=0, ge=0)
     per_node: int = Field(default=0, ge=0)
     mode: StandbyMode = "imported"
+    warm_workers: int = Field(default=1, ge=0)
 
 
 class WarmPrefixConfig(BaseModel):

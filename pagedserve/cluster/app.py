@@ -133,6 +133,8 @@ def _router_extras(config: ClusterConfig) -> dict:
     if config.standby.per_node:
         services["standby"] = {"engine": config.engine.model_dump(), "mode": config.standby.mode,
                                "per_node": config.standby.per_node}
+    if config.standby.warm_workers:
+        services["warm_workers"] = config.standby.warm_workers
     if len(services) > 1:
         extras["node_services"] = services
     return extras

@@ -16,6 +16,7 @@ from pagedserve.metric_list import serve_metric
 from pagedserve.replicas.engine.engine_client import EngineClient
 from pagedserve.replicas.engine.startup_phases import PhaseTimer, format_phases
 from pagedserve.replicas.node.standby_client import claim_standby
+from pagedserve.replicas.node.warm_workers import try_top_up
 from pagedserve.replicas.node.weight_client import fetch_shared_weights
 
 # Serve's own logger: its INFO lines reach the replica and controller log files (ours would
@@ -54,6 +55,9 @@ async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
         if shared is not None:
             shared.unlink()  # the engine copied the tensors out (or failed)
     timer.update(engine.startup_phases)
+    # This replica may have taken the node's warm Ray worker: one for the next replica, in the
+    # background (a raylet call, then that worker's imports, off this start's path).
+    loop.run_in_executor(None, try_top_up, config.standby.warm_workers)
     if standby is not None:
         return engine, f"standby_{standby['mode']}"
     return engine, "object_store" if shared is not None else "disk"

@@ -1,4 +1,5 @@
-"""Each node's services for starting replicas, by name: the weight store and the standby pool.
+"""Each node's services for starting replicas, by name: the weight store and the standby pool;
+and the node's warm Ray workers (`warm_workers`).
 
 The router creates them (`NodeServices`), at application start for its own node and on request
 for any other, so they live exactly as long as the application. A starting replica finds its
@@ -13,6 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pagedserve.replicas.node.standby_pool import StandbyPool, pool_name
+from pagedserve.replicas.node.warm_workers import try_top_up
 from pagedserve.replicas.node.weight_store import WeightStore, store_name
 
 logger = logging.getLogger(__name__)
@@ -24,15 +26,18 @@ class NodeServices:
     """The router's per-node weight stores and standby pools."""
 
     def __init__(self, app_name: str, model: str | None = None, weight_store: dict | None = None,
-                 standby: dict | None = None) -> None:
+                 standby: dict | None = None, warm_workers: int = 0) -> None:
         """`weight_store`: `{"max_gib"}` or None; `standby`: `{"engine", "per_node", "mode"}`
-        or None (no standby engines)."""
+        or None (no standby engines); `warm_workers`: idle Ray workers to keep per node."""
         self.app_name, self.model = app_name, model
         self.weight_store, self.standby = weight_store, standby
+        self.warm_workers = warm_workers
         self._actors: dict[tuple[str, str], ray.actor.ActorHandle] = {}
 
     def ensure(self, node_id: str) -> None:
-        """Start whichever of this node's services are configured and not running."""
+        """Start whichever of this node's services are configured and not running, and top up
+        its warm Ray workers."""
+        try_top_up(self.warm_workers, node_id)
         affinity = NodeAffinitySchedulingStrategy(node_id, soft=False)
         if self.weight_store is not None and (node_id, WEIGHT_STORE) not in self._actors:
             self._actors[node_id, WEIGHT_STORE] = WeightStore.options(

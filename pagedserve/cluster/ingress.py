@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagedserve.cluster.client_disconnect import DisconnectOnCancelledReceive
 from pagedserve.cluster.dispatch import Dispatcher
 from pagedserve.cluster.gateway import Answer, Gateway, served_model_id
 from pagedserve.cluster.metrics import IngressMetrics
@@ -38,6 +39,7 @@ from pagedserve.config import ClusterConfig
 logger = logging.getLogger(__name__)
 OTHER_ROUTE = "other"  # the `endpoint` tag of a request to no route of ours
 api = FastAPI(title="pagedserve", docs_url=None, redoc_url=None)
+api.add_middleware(DisconnectOnCancelledReceive)
 
 
 @api.exception_handler(StarletteHTTPException)

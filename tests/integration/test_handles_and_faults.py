@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_logs import logs_dir, serve_tracebacks
 from transformers import AutoTokenizer
 
 from pagedserve.replicas.models.default_model import default_model_dir
@@ -190,3 +191,5 @@ def test_client_leaving_mid_stream_frees_its_blocks(server, ray_driver):
         stats = _replica_stats(ray_driver)
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    # Serve's proxy cancels its side when a client leaves: a disconnect, logged as no error.
+    assert [t for t in serve_tracebacks(logs_dir()) if "TaskCancelledError" in t] == []

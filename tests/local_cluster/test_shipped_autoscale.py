@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ import ray
 from ray import serve
 from ray_clusters import leave_ray_cluster
 from serve_cli import REPO, serve_run
+from serve_logs import logs_dir, serve_tracebacks
 
 BASE_URL = "http://127.0.0.1:8000"
 BURST, TOKENS = 24, 256
@@ -40,16 +40,6 @@ async def burst() -> list[int]:
     return [r.status_code for r in replies]
 
 
-def tracebacks(logs_dir: Path) -> list[str]:
-    found = []
-    for path in sorted((logs_dir / "serve").glob("*.log")):
-        text = path.read_text(errors="replace")
-        if "Traceback" in text:
-            at = text.index("Traceback")
-            found.append(f"{path.name}: {text[at:at + 1500]}")
-    return found
-
-
 @pytest.mark.integration
 def test_shipped_autoscale_config_scales_up_and_back_to_one(tmp_path):
     with socket.socket() as probe:
@@ -58,7 +48,7 @@ def test_shipped_autoscale_config_scales_up_and_back_to_one(tmp_path):
     with serve_run(REPO / "ray_configs" / "autoscale.yaml", BASE_URL, tmp_path / "serve.log"):
         ray.init(address="auto", logging_level="warning", log_to_driver=False)
         try:
-            logs_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+            logs = logs_dir()
             assert serving_replicas() == 1
             loop = asyncio.new_event_loop()
             sent = loop.create_task(burst())
@@ -77,6 +67,6 @@ def test_shipped_autoscale_config_scales_up_and_back_to_one(tmp_path):
                     break
                 time.sleep(2)
             assert counts[-1] == 1 and min(counts) >= 1, counts
-            assert tracebacks(logs_dir) == []
+            assert serve_tracebacks(logs) == []
         finally:
             leave_ray_cluster()

@@ -2,8 +2,9 @@
 
 A key is a SHA-256 over everything that decides a response: the served model's identity (its
 name and a fingerprint of its config and weight files), the endpoint, the scope (the API key's
-name, or everyone), every prompt's token ids after the chat template, and the resolved sampling
-parameters of the request (n, temperature, max_tokens after defaults, stop, logprobs, ...).
+name, or everyone), every prompt's token ids after the chat template, the resolved sampling
+parameters of the request (n, temperature, max_tokens after defaults, stop, logprobs, ...), and
+what else the response shows of the prompts (completions' `echo` texts, `prompt_logprobs`).
 Only deterministic requests are cached: temperature 0, or a fixed `seed`.
 
 The L1 is each ingress replica's own LRU with a TTL; Redis (`redis_cache.py`) is the shared L2.
@@ -44,10 +45,11 @@ def is_deterministic(params: SamplingParams) -> bool:
 
 
 def cache_key(model_id: str, endpoint: str, scope: str, prompts: list[list[int]],
-              params: SamplingParams) -> str:
-    """The hex key of one request (`prompts`: every prompt's token ids, in request order)."""
+              params: SamplingParams, shown: dict | None = None) -> str:
+    """The hex key of one request (`prompts`: every prompt's token ids, in request order;
+    `shown`: what the response shows of the prompts beyond them, JSON-able)."""
     fields = dataclasses.asdict(params)
-    payload = json.dumps([KEY_VERSION, model_id, endpoint, scope, prompts, fields],
+    payload = json.dumps([KEY_VERSION, model_id, endpoint, scope, prompts, fields, shown],
                          separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -108,7 +108,7 @@ class ModelRunner:
         hidden = self._forward(inputs, graph_size)
         prompt = (prompt_logprobs.score(self.model, hidden, inputs.prompt_rows, scores,
                                         self._prompt_chunk) if scores else None)
-        hidden = _sampling_rows(hidden, inputs, host.num_seqs, graph_size)
+        hidden = step_inputs.sampling_rows(hidden, inputs, host.num_seqs, graph_size)
         if hidden is None:
             pending = PendingSample(None, None, []) if prompt is not None else None
         else:
@@ -137,7 +137,8 @@ class ModelRunner:
                 hidden = self._forward(step.inputs, step.graph_size)
                 prompt_logprobs.follow(self.model, hidden, step.inputs.prompt_rows,
                                        self._prompt_chunk)
-                hidden = _sampling_rows(hidden, step.inputs, step.num_seqs, step.graph_size)
+                hidden = step_inputs.sampling_rows(hidden, step.inputs, step.num_seqs,
+                                                   step.graph_size)
                 if hidden is None:
                     continue
                 if step.greedy:  # the same ids as rank 0's, which a later decode may read
@@ -246,13 +247,3 @@ class ModelRunner:
                     budget / 2**30, peak / 2**30, others / 2**30, total / 2**30)
         return budget
 
-
-def _sampling_rows(hidden: torch.Tensor, inputs: step_inputs.DeviceInputs, num_seqs: int,
-                   graph_size: int | None) -> torch.Tensor | None:
-    """The hidden states whose logits give next tokens (None if no sequence samples)."""
-    num_sampled = len(inputs.sample_rows)
-    if not num_sampled:
-        return None
-    if num_sampled == num_seqs and graph_size is not None:
-        return hidden[:num_seqs]  # a decode graph's rows, padding cut off
-    return hidden[inputs.sample_rows]

@@ -67,6 +67,17 @@ class DeviceInputs:
         )
 
 
+def sampling_rows(hidden: torch.Tensor, inputs: DeviceInputs, num_seqs: int,
+                  graph_size: int | None) -> torch.Tensor | None:
+    """The hidden states whose logits give next tokens (None if no sequence samples)."""
+    num_sampled = len(inputs.sample_rows)
+    if not num_sampled:
+        return None
+    if num_sampled == num_seqs and graph_size is not None:
+        return hidden[:num_seqs]  # a decode graph's rows, padding cut off
+    return hidden[inputs.sample_rows]
+
+
 def prepare(batch: SchedulerOutput, block_size: int, prev_rows: dict[int, int],
             pad_to: int | None = None, prompt_rows: np.ndarray | None = None) -> HostInputs:
     """Flatten `batch`; a decode batch may be padded to `pad_to` rows of no-op sequences.

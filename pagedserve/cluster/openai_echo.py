@@ -62,6 +62,15 @@ class PromptEcho:
         self.logprobs, self.prompt_logprobs, self.texts = logprobs, prompt_logprobs, texts
         self._scored: dict[int, list] = {}  # prompt index -> its engine prompt logprobs
 
+    @classmethod
+    def for_request(cls, request: CompletionRequest, tokenizer,
+                    prompts: list[ShownPrompt] | None) -> PromptEcho | None:
+        """The request's echo, or None when its choices show nothing of the prompts."""
+        if prompts is None:
+            return None
+        return cls(prompts, request.n, bool(request.echo), request.logprobs,
+                   request.prompt_logprobs, TokenTexts(tokenizer))
+
     def record(self, delta: RequestOutput, choice_offset: int) -> None:
         if delta.prompt_logprobs is not None:
             self._scored[choice_offset // self.n] = delta.prompt_logprobs

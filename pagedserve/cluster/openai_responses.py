@@ -9,7 +9,7 @@ from __future__ import annotations
 from pagedserve.cluster.openai_echo import PromptEcho, ShownPrompt
 from pagedserve.cluster.openai_requests import ChatCompletionRequest, CompletionRequest
 from pagedserve.cluster.openai_sampling import request_logprobs
-from pagedserve.cluster.openai_streams import ChatStream, CompletionStream, prompt_echo
+from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
 from pagedserve.outputs import RequestOutput
 
 
@@ -99,7 +99,7 @@ class CompletionResponseBuilder(_ResponseBuilder):
                     prompts: list[ShownPrompt] | None = None) -> CompletionResponseBuilder:
         return cls(request_id, model, created, tokenizer=tokenizer,
                    logprobs=request_logprobs(request),
-                   prompt_echo=prompt_echo(request, tokenizer, prompts))
+                   prompt_echo=PromptEcho.for_request(request, tokenizer, prompts))
 
     def _new_choice(self, index: int) -> dict:
         logprobs = None

@@ -155,7 +155,7 @@ class CompletionStream(_ChunkStream):
         """`prompts`: what the choices show of their prompts (`shown_prompts`), if anything."""
         return cls(request_id, model, created, include_usage=request.include_usage,
                    tokenizer=tokenizer, logprobs=request_logprobs(request),
-                   prompt_echo=prompt_echo(request, tokenizer, prompts))
+                   prompt_echo=PromptEcho.for_request(request, tokenizer, prompts))
 
     def on_delta(self, delta: RequestOutput, choice_offset: int = 0) -> list[dict]:
         if self.prompt_echo is not None:
@@ -182,11 +182,3 @@ class CompletionStream(_ChunkStream):
         return {"index": index, "text": "", "logprobs": None,
                 "finish_reason": openai_finish_reason(out.finish_reason),
                 "stop_reason": out.stop_reason}
-
-
-def prompt_echo(request: CompletionRequest, tokenizer,
-                prompts: list[ShownPrompt] | None) -> PromptEcho | None:
-    if prompts is None:
-        return None
-    return PromptEcho(prompts, request.n, bool(request.echo), request.logprobs,
-                      request.prompt_logprobs, TokenTexts(tokenizer))

@@ -28,7 +28,12 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """The state of one request: its prompt and its completions so far."""
+    """The state of one request: its prompt and its completions so far.
+
+    `prompt_logprobs`, when requested, is aligned with `prompt_token_ids`: None for the first
+    token (nothing precedes it), then a dict mapping token id to log-probability (the prompt
+    token plus the top-`prompt_logprobs` alternatives). A request's deltas carry it once.
+    """
 
     request_id: str
     prompt: str | None
@@ -36,3 +41,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None

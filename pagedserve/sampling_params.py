@@ -8,6 +8,7 @@ _GREEDY_EPS = 1e-5
 MAX_STOP_CHARS = 16_384  # all stop strings of a request together
 MAX_LOGIT_BIAS_TOKENS = 1024
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class SamplingParams:
 
     `temperature=0` is greedy. Invalid values raise ValueError naming the field.
     Stop strings are never part of the returned text unless `include_stop_str_in_output`.
+    `prompt_logprobs=N` returns each prompt token's log-prob given the tokens before it, with
+    the N most likely alternatives; `max_tokens=0` generates nothing (e.g. only to score the
+    prompt) and finishes with "length" once the prompt is computed.
     """
 
     n: int = 1
@@ -62,6 +66,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # token id -> a number added to its logit before sampling (log-probs stay the model's own)
@@ -100,8 +105,8 @@ class SamplingParams:
             _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
                "repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-               "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 0),
+               "max_tokens", f"must be an integer >= 0, got {self.max_tokens!r}")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
                f"must be an integer >= 0, got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
@@ -114,9 +119,10 @@ class SamplingParams:
                "must be a list of non-negative integers")
         _check(self.seed is None or _is_int(self.seed), "seed",
                f"must be an integer, got {self.seed!r}")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
-               "logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
-
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
+                   f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
 
     def _validate_logit_bias(self) -> None:
         bias = self.logit_bias

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from pagedserve.cluster import cache_replay
 from pagedserve.cluster.api_keys import UNKNOWN_KEY_NAME, ApiKey, KeyRing, load_api_keys
 from pagedserve.cluster.gateway_metrics import GatewayMetrics
+from pagedserve.cluster.openai_echo import shown_prompt_key
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_tools import tool_mode
 from pagedserve.cluster.rate_limits import RateLimiter
@@ -113,7 +114,8 @@ class Gateway:
             return None  # (a replayed answer is content: tool calls are not cached)
         scope = "*" if self.global_scope else (key.name if key is not None else NO_KEY_SCOPE)
         prompts = [job.prompt_token_ids for job in prepared.jobs]
-        return cache_key(self.model_id, prepared.endpoint, scope, prompts, params)
+        return cache_key(self.model_id, prepared.endpoint, scope, prompts, params,
+                         shown_prompt_key(prepared.request))
 
     def _replay(self, prepared: Prepared, stored: dict) -> dict | AsyncIterator[dict]:
         request_id, created = uuid.uuid4().hex, int(time.time())

@@ -2,7 +2,7 @@
 
 Types are strict (a string is not a number, 1 is not `true`) as OpenAI's API is; unknown fields
 are ignored because SDKs send fields we do not use. Fields that would change the output in ways
-we cannot honour (echo, suffix, ...) are refused with a 400 rather than ignored.
+we cannot honour (suffix, chat's echo, ...) are refused with a 400 rather than ignored.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pagedserve.cluster.openai_errors import APIError
-from pagedserve.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS_TOKENS
+from pagedserve.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
 
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; vLLM clients send more
 MAX_N = 128
 NonNegativeInt = Annotated[int, Field(ge=0)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 BiasValue = Annotated[float, Field(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE, allow_inf_nan=False)]
 
@@ -210,11 +211,13 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: LogprobCount | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    echo: bool | None = None  # refused: completions only
+    prompt_logprobs: int | None = None  # refused: completions only
 
     def structured_fields(self) -> tuple[str, ...]:
         fields = super().structured_fields()
@@ -228,6 +231,10 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.bad_request("logprobs must be true when top_logprobs is set.",
                                        "top_logprobs")
+        for name in ("echo", "prompt_logprobs"):
+            if getattr(self, name) not in (None, False):
+                raise APIError.bad_request(f"{name} is not supported by chat completions; use "
+                                           "/v1/completions.", name)
         self._check_tools()
 
     def _check_tools(self) -> None:
@@ -250,8 +257,10 @@ class CompletionRequest(_SamplingFields):
     """`POST /v1/completions` body; `prompt` is normalised to a list of strings or token lists."""
 
     prompt: list[str | list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt alone comes back
+    logprobs: LogprobCount | None = None
     echo: bool | None = None
+    prompt_logprobs: LogprobCount | None = None  # vLLM's
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -263,8 +272,13 @@ class CompletionRequest(_SamplingFields):
     def check(self) -> None:
         """Rules across fields; raises APIError 400."""
         self._check_common()
-        if self.echo:
-            raise APIError.bad_request("echo is not supported.", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError.bad_request("Invalid 'max_tokens': must be at least 1 (0 only with "
+                                       "echo, to return the prompt alone) (got 0).", "max_tokens")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError.bad_request("prompt_logprobs is not available when stream is true "
+                                       "(echo with logprobs streams the prompt's).",
+                                       "prompt_logprobs")
         if self.suffix:
             raise APIError.bad_request("suffix is not supported.", "suffix")
         if self.best_of is not None and self.best_of != self.n:

@@ -6,6 +6,7 @@ concatenates to exactly the unary one.
 
 from __future__ import annotations
 
+from pagedserve.cluster.openai_echo import PromptEcho, ShownPrompt
 from pagedserve.cluster.openai_requests import ChatCompletionRequest, CompletionRequest
 from pagedserve.cluster.openai_sampling import request_logprobs
 from pagedserve.cluster.openai_streams import ChatStream, CompletionStream
@@ -88,15 +89,17 @@ class CompletionResponseBuilder(_ResponseBuilder):
     object_name = "text_completion"
 
     def __init__(self, request_id: str, model: str, created: int, *, tokenizer=None,
-                 logprobs: int | None = None) -> None:
+                 logprobs: int | None = None, prompt_echo: PromptEcho | None = None) -> None:
         super().__init__(CompletionStream(request_id, model, created, tokenizer=tokenizer,
-                                          logprobs=logprobs))
+                                          logprobs=logprobs, prompt_echo=prompt_echo))
 
     @classmethod
     def for_request(cls, request: CompletionRequest, request_id: str, model: str,
-                    created: int, tokenizer=None) -> CompletionResponseBuilder:
+                    created: int, tokenizer=None,
+                    prompts: list[ShownPrompt] | None = None) -> CompletionResponseBuilder:
         return cls(request_id, model, created, tokenizer=tokenizer,
-                   logprobs=request_logprobs(request))
+                   logprobs=request_logprobs(request),
+                   prompt_echo=PromptEcho.for_request(request, tokenizer, prompts))
 
     def _new_choice(self, index: int) -> dict:
         logprobs = None
@@ -111,6 +114,8 @@ class CompletionResponseBuilder(_ResponseBuilder):
         if piece["logprobs"] is not None:
             for key, values in piece["logprobs"].items():
                 choice["logprobs"][key] += values
+        if "prompt_logprobs" in piece:  # vLLM's field: only a choice's first piece has it
+            choice["prompt_logprobs"] = piece["prompt_logprobs"]
 
 
 def models_list(model_ids: list[str], created: int) -> dict:

@@ -40,6 +40,16 @@ def request_logprobs(request: OpenAIRequest) -> int | None:
     return request.logprobs
 
 
+def request_prompt_logprobs(request: OpenAIRequest) -> int | None:
+    """How many alternatives per prompt token the engine computes (None: no prompt logprobs):
+    vLLM's `prompt_logprobs`, and an echo with `logprobs` shows the prompt's (as vLLM does)."""
+    if not isinstance(request, CompletionRequest):
+        return None
+    wanted = [request.prompt_logprobs, request.logprobs if request.echo else None]
+    wanted = [n for n in wanted if n is not None]
+    return max(wanted) if wanted else None
+
+
 def _fields(request: OpenAIRequest) -> dict:
     def given(value, default):
         return default if value is None else value
@@ -59,6 +69,7 @@ def _fields(request: OpenAIRequest) -> dict:
         ignore_eos=given(request.ignore_eos, False),
         seed=request.seed,
         logprobs=request_logprobs(request),
+        prompt_logprobs=request_prompt_logprobs(request),
         include_stop_str_in_output=given(request.include_stop_str_in_output, False),
         skip_special_tokens=given(request.skip_special_tokens, True),
         logit_bias={int(k): v for k, v in request.logit_bias.items()} if request.logit_bias

@@ -4,14 +4,16 @@ One stream object per HTTP request. Feed it every `RequestOutput` delta the engi
 completions request with several prompts, each prompt's deltas with `choice_offset = prompt_index
 * n`), send what `on_delta` returns, then what `finish` returns, then `SSE_DONE`.
 
-Chunks per choice: (chat only) an opening chunk with `delta.role = "assistant"`, one chunk per
-delta that brought text (or, with logprobs, tokens), and a closing chunk with an empty delta and `finish_reason`.
+Chunks per choice: an opening chunk (chat: `delta.role = "assistant"`; completions with `echo`:
+the prompt's text and logprobs), one chunk per delta that brought text (or, with logprobs,
+tokens), and a closing chunk with an empty delta and `finish_reason`.
 The engine's `abort` (the request was cut off before a natural end) is reported as `"length"`,
 the value OpenAI clients already read as "truncated"; OpenAI's schema has no abort reason.
 """
 
 from __future__ import annotations
 
+from pagedserve.cluster.openai_echo import PromptEcho, ShownPrompt
 from pagedserve.cluster.openai_logprobs import (
     TokenTexts,
     chat_logprobs_content,
@@ -140,15 +142,32 @@ class CompletionStream(_ChunkStream):
     id_prefix = "cmpl-"
 
     def __init__(self, request_id: str, model: str, created: int, *, include_usage: bool = False,
-                 tokenizer=None, logprobs: int | None = None) -> None:
+                 tokenizer=None, logprobs: int | None = None,
+                 prompt_echo: PromptEcho | None = None) -> None:
         super().__init__(request_id, model, created, include_usage, tokenizer, logprobs)
         self._text_len: dict[int, int] = {}
+        self.prompt_echo = prompt_echo
 
     @classmethod
     def for_request(cls, request: CompletionRequest, request_id: str, model: str,
-                    created: int, tokenizer=None) -> CompletionStream:
+                    created: int, tokenizer=None,
+                    prompts: list[ShownPrompt] | None = None) -> CompletionStream:
+        """`prompts`: what the choices show of their prompts (`shown_prompts`), if anything."""
         return cls(request_id, model, created, include_usage=request.include_usage,
-                   tokenizer=tokenizer, logprobs=request_logprobs(request))
+                   tokenizer=tokenizer, logprobs=request_logprobs(request),
+                   prompt_echo=PromptEcho.for_request(request, tokenizer, prompts))
+
+    def on_delta(self, delta: RequestOutput, choice_offset: int = 0) -> list[dict]:
+        if self.prompt_echo is not None:
+            self.prompt_echo.record(delta, choice_offset)
+        return super().on_delta(delta, choice_offset)
+
+    def _opening(self, index: int) -> list[dict]:
+        if self.prompt_echo is None:
+            return []
+        piece = self.prompt_echo.piece(index)
+        self._text_len[index] = len(piece["text"])  # generated tokens' offsets follow it
+        return [piece]
 
     def _content(self, index: int, out: CompletionOutput) -> dict:
         offset = self._text_len.get(index, 0)

@@ -2,9 +2,10 @@
 
 A key is a SHA-256 over everything that decides a response: the served model's identity (its
 name and a fingerprint of its config and weight files), the endpoint, the scope (the API key's
-name, or everyone), every prompt's token ids after the chat template, and the resolved sampling
-parameters of the request (n, temperature, max_tokens after defaults, stop, logprobs, ...).
-Only deterministic requests are cached: temperature 0, or a fixed `seed`.
+name, or everyone), every prompt's token ids after the chat template, the resolved sampling
+parameters of the request (n, temperature, max_tokens after defaults, stop, logprobs, ...), and
+what else the response shows of the prompts (completions' `echo` texts, `prompt_logprobs`).
+Only deterministic requests are cached: temperature 0, a fixed `seed`, or `max_tokens` 0.
 
 The L1 is each ingress replica's own LRU with a TTL; Redis (`redis_cache.py`) is the shared L2.
 """
@@ -39,15 +40,17 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def is_deterministic(params: SamplingParams) -> bool:
-    """Greedy, or sampled with a fixed seed: the same request gives the same answer."""
-    return params.greedy or params.seed is not None
+    """Greedy, sampled with a fixed seed, or nothing sampled at all (`max_tokens=0`, an echo
+    that scores its prompt): the same request gives the same answer."""
+    return params.greedy or params.seed is not None or params.max_tokens == 0
 
 
 def cache_key(model_id: str, endpoint: str, scope: str, prompts: list[list[int]],
-              params: SamplingParams) -> str:
-    """The hex key of one request (`prompts`: every prompt's token ids, in request order)."""
+              params: SamplingParams, shown: dict | None = None) -> str:
+    """The hex key of one request (`prompts`: every prompt's token ids, in request order;
+    `shown`: what the response shows of the prompts beyond them, JSON-able)."""
     fields = dataclasses.asdict(params)
-    payload = json.dumps([KEY_VERSION, model_id, endpoint, scope, prompts, fields],
+    payload = json.dumps([KEY_VERSION, model_id, endpoint, scope, prompts, fields, shown],
                          separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

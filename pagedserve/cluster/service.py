@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pagedserve.cluster.dispatch import Dispatcher, Job, merge_streams
 from pagedserve.cluster.metrics import IngressMetrics
+from pagedserve.cluster.openai_echo import shown_prompts
 from pagedserve.cluster.openai_errors import APIError
 from pagedserve.cluster.openai_prompts import completion_prompts, render_chat
 from pagedserve.cluster.openai_requests import (
@@ -66,7 +67,8 @@ class Prepared:
     """A validated, tokenized request, ready to be answered (generated, or from a cache).
 
     `output` is the chunk stream (`stream: true`) or the response builder that generation
-    feeds; `output_args` are what built it: (request, request_id, model, created, tokenizer).
+    feeds; `output_args` are what built it: (request, request_id, model, created, tokenizer),
+    and for completions what the choices show of the prompts (`shown_prompts`).
     """
 
     endpoint: str  # CHAT or COMPLETIONS (also the `endpoint` tag of its metrics)
@@ -147,11 +149,14 @@ class OpenAIService:
             request = parse_completion_request(body)
             self._check_model(request.model)
             request_id = uuid.uuid4().hex
-            jobs = []
-            for i, prompt in enumerate(completion_prompts(request)):
+            prompts, jobs = completion_prompts(request), []
+            for i, prompt in enumerate(prompts):
                 token_ids = self._tokenize(prompt)
                 jobs.append(Job(f"{request_id}-{i}", token_ids, self._params(request, token_ids)))
-        return Prepared(COMPLETIONS, request, jobs, self._output_args(request, request_id))
+            shown = shown_prompts(request, prompts, [job.prompt_token_ids for job in jobs],
+                                  self.model.tokenizer)
+        return Prepared(COMPLETIONS, request, jobs,
+                        (*self._output_args(request, request_id), shown))
 
     async def respond(self, prepared: Prepared) -> dict | AsyncIterator[dict]:
         """Generate the answer: a response dict, or (`stream: true`) an iterator of chunks."""

@@ -9,7 +9,8 @@ from tiny_models import TINY_VOCAB
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.replicas.engine.engine_client import merge_deltas
+from pagedserve.replicas.engine.engine_client import decode_delta, merge_deltas
+from pagedserve.replicas.engine.engine_core import encode_delta
 
 PROMPTS = [torch.randint(3, TINY_VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
            for n in (40, 7, 23)]
@@ -70,3 +71,14 @@ def test_merged_deltas_hold_both_in_order():
         (0, "ab", [1, 2], "length"), (1, "x", [7], None)]
     assert merged.outputs[0].logprobs == [{1: -0.5}, {2: -0.2}]
     assert merged.outputs[0].cumulative_logprob == -0.7 and merged.num_cached_tokens == 16
+
+
+def test_prompt_logprobs_survive_the_wire_and_merges():
+    scored = [None, {4: -0.5, 7: -1.0}]
+    first = RequestOutput("r", None, [], [CompletionOutput(0, "a", [1])], prompt_logprobs=scored)
+    second = RequestOutput("r", None, [], [CompletionOutput(0, "b", [2], finish_reason="length")],
+                           finished=True)
+    assert merge_deltas(first, second).prompt_logprobs == scored
+    assert merge_deltas(second, first).prompt_logprobs == scored
+    assert decode_delta(encode_delta(first)).prompt_logprobs == scored
+    assert decode_delta(encode_delta(second)).prompt_logprobs is None

@@ -86,7 +86,7 @@ def record(monkeypatch, module, *names: str) -> list[Recorder]:
 def step_views(num_tokens: int, num_seqs: int, width: int):
     """The int64 views `step_inputs.upload` cuts from one tensor (ids, positions, slots, ...)."""
     layout = FlatLayout([num_tokens] * 3 + [num_seqs, num_seqs + 1, num_seqs * width, num_seqs,
-                                            0, 0], (num_seqs, width))
+                                            0, 0, 0], (num_seqs, width))
     flat = torch.zeros(sum(layout.lengths), dtype=torch.int64)
     return layout.views(flat, 0, 1, torch.device("cpu"))
 

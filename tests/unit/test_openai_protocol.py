@@ -71,6 +71,8 @@ def bad_request(fn, *args) -> APIError:
     (chat(logit_bias=[5]), "logit_bias"),
     (chat(logit_bias={str(i): 1.0 for i in range(1025)}), "logit_bias"),
     (chat(tools=[{"type": "function"}]), "tools[0].function"),
+    (chat(echo=True), "echo"),
+    (chat(prompt_logprobs=1), "prompt_logprobs"),
     (chat(response_format={"type": "xml"}), "response_format.type"),
     (chat(response_format={"type": "json_schema"}), "response_format"),
     (chat(guided_regex="a", guided_choice=["a"]), "guided_choice"),
@@ -103,7 +105,12 @@ def test_bad_chat_requests_are_400_naming_the_param(body, param):
     (completion(prompt=5), "prompt"),
     (completion(logprobs=21), "logprobs"),
     (completion(logprobs=True), "logprobs"),
-    (completion(echo=True), "echo"),
+    (completion(echo="yes"), "echo"),
+    (completion(max_tokens=0), "max_tokens"),
+    (completion(max_tokens=-1, echo=True), "max_tokens"),
+    (completion(prompt_logprobs=21), "prompt_logprobs"),
+    (completion(prompt_logprobs=-1), "prompt_logprobs"),
+    (completion(prompt_logprobs=1, stream=True), "prompt_logprobs"),
     (completion(best_of=3), "best_of"),
     (completion(suffix="x"), "suffix"),
     (completion(stream_options={"include_usage": True}), "stream_options"),
@@ -179,6 +186,25 @@ def test_sampling_defaults_follow_openai_and_vllm():
     assert comp.logprobs == 3
     assert comp.max_tokens == 16  # completions without max_tokens: OpenAI's default
     assert to_sampling_params(parse_completion_request(completion()), 100, 90).max_tokens == 10
+    assert comp.prompt_logprobs is None
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(echo=True), None),
+    (dict(echo=True, logprobs=2), 2),
+    (dict(logprobs=2), None),
+    (dict(prompt_logprobs=0), 0),
+    (dict(echo=True, logprobs=1, prompt_logprobs=3), 3),
+    (dict(echo=True, logprobs=4, prompt_logprobs=3), 4),
+])
+def test_echo_with_logprobs_and_prompt_logprobs_ask_the_engine(fields, expected):
+    params = to_sampling_params(parse_completion_request(completion(**fields)), 100, 10)
+    assert params.prompt_logprobs == expected
+
+
+def test_echo_allows_max_tokens_0():
+    request = parse_completion_request(completion(echo=True, max_tokens=0, stream=True))
+    assert to_sampling_params(request, 100, 10).max_tokens == 0
 
 
 def test_max_completion_tokens_wins_over_max_tokens():

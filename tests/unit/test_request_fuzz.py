@@ -21,7 +21,7 @@ FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", 
           "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
           "skip_special_tokens", "guided_json", "guided_regex", "guided_choice",
           "response_format", "logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools",
-          "tool_choice"]
+          "tool_choice", "prompt_logprobs"]
 SCALARS = (st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
@@ -37,6 +37,8 @@ VALUES = {
     "messages": st.lists(MESSAGE, max_size=3) | JSON,
     "prompt": st.text(max_size=30) | st.lists(st.integers(-5, 60_000), max_size=6) | JSON,
     "max_tokens": st.integers(-2, 10_000) | JSON,
+    "echo": st.booleans() | JSON,
+    "prompt_logprobs": st.integers(-2, 25) | JSON,
     "logit_bias": st.dictionaries(st.text(max_size=6), st.floats(-200, 200), max_size=3) | JSON,
     "response_format": FORMATS | JSON,
     "guided_regex": st.text(max_size=12) | JSON,

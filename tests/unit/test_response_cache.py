@@ -45,13 +45,18 @@ def test_key_changes_with_everything_that_changes_the_output():
                   SamplingParams(temperature=0, logprobs=2)),
         cache_key("m@abc", "chat", "alice", [[1, 2, 3]],
                   SamplingParams(temperature=0, repetition_penalty=1.1)),
+        cache_key("m@abc", "chat", "alice", [[1, 2, 3]],
+                  SamplingParams(temperature=0, prompt_logprobs=2)),
+        cache_key("m@abc", "chat", "alice", [[1, 2, 3]], SamplingParams(temperature=0),
+                  {"echo": ["w1 w2"], "prompt_logprobs": None}),
     ]
     assert len({base, *others}) == len(others) + 1
 
 
-def test_only_greedy_or_seeded_requests_are_deterministic():
+def test_only_greedy_seeded_or_prompt_only_requests_are_deterministic():
     assert is_deterministic(SamplingParams(temperature=0))
     assert is_deterministic(SamplingParams(temperature=0.8, seed=7))
+    assert is_deterministic(SamplingParams(temperature=0.8, max_tokens=0, prompt_logprobs=1))
     assert not is_deterministic(SamplingParams(temperature=0.8))
 
 

@@ -67,11 +67,16 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     def match_prefix(self, seq: Sequence) -> None:
-        """Attach the cached blocks that hold `seq`'s prompt prefix; sets num_computed_tokens."""
+        """Attach the cached blocks that hold `seq`'s prompt prefix; sets num_computed_tokens.
+
+        A sequence that scores its prompt (`prompt_logprobs`) takes only blocks it has scored
+        already (after a preemption); its computed blocks are still registered for others."""
         if not (self.enable_prefix_caching or seq.leader is not None) or seq.block_table:
             return
         parent = None
         usable = (len(seq) - 1) // self.block_size  # keep >= 1 token to compute for logits
+        if seq.scores_prompt:  # a cached block skips the forward that scores its tokens
+            usable = min(usable, seq.num_scored_positions // self.block_size)
         for i in range(usable):
             tokens = seq.block_tokens(i)
             block_id = self.hash_to_block.get(block_hash(parent, tokens))

@@ -114,7 +114,8 @@ class EngineClient:
         """Validate and queue a request (ValueError on bad input) and return its delta stream.
 
         Each item holds only what is new since the previous one, as the engine sent it: new
-        text, token ids and logprobs per completion index, a completion's finish reason once.
+        text, token ids and logprobs per completion index, a completion's finish reason once,
+        the prompt logprobs (when asked for) once.
         Items leave out the prompt (`prompt=None`, `prompt_token_ids=[]`): the caller has it.
         Leaving the iterator early (or cancelling) aborts the request.
         """
@@ -325,17 +326,19 @@ def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
             logprobs=old.logprobs + c.logprobs if c.logprobs is not None else None,
             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
     return RequestOutput(first.request_id, None, [], sorted(by_index.values(),
-                         key=lambda c: c.index), second.finished, second.num_cached_tokens)
+                         key=lambda c: c.index), second.finished, second.num_cached_tokens,
+                         first.prompt_logprobs or second.prompt_logprobs)
 
 
 def decode_delta(wire: tuple) -> RequestOutput:
     """Rebuild a delta `RequestOutput` from `engine_core.encode_delta`'s tuple."""
-    request_id, completions, finished, num_cached_tokens = wire
+    request_id, completions, finished, num_cached_tokens, prompt_logprobs = wire
     outputs = [CompletionOutput(index, text, token_ids, cumulative_logprob, logprobs,
                                 finish_reason, stop_reason)
                for index, text, token_ids, cumulative_logprob, logprobs, finish_reason,
                stop_reason in completions]
-    return RequestOutput(request_id, None, [], outputs, finished, num_cached_tokens)
+    return RequestOutput(request_id, None, [], outputs, finished, num_cached_tokens,
+                         prompt_logprobs)
 
 
 class AdoptedProcess:

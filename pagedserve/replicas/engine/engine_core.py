@@ -93,7 +93,7 @@ def encode_delta(out) -> tuple:
     prompt stays behind: the client sent it."""
     completions = [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
                     c.finish_reason, c.stop_reason) for c in out.outputs]
-    return out.request_id, completions, out.finished, out.num_cached_tokens
+    return out.request_id, completions, out.finished, out.num_cached_tokens, out.prompt_logprobs
 
 
 class _EngineCore:

@@ -229,7 +229,7 @@ class LLMEngine:
         indices, needs_sync = [], False
         for item in batch.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_tokens
+            seq.advance(item.num_tokens)
             if item.samples:
                 seq.token_ids.append(PLACEHOLDER)
                 indices.append(len(seq.token_ids) - 1)
@@ -240,26 +240,38 @@ class LLMEngine:
         """Wait for the launched batch's tokens and apply them: stops, finishes, prefix blocks."""
         flight, self._in_flight = self._in_flight, None
         result = flight.pending.result() if flight.pending is not None else SampleResult([], [])
+        for seq, entries in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(entries)  # before any delta of its request is built
         samples = iter(zip(result.token_ids, result.logprobs, flight.sample_indices, strict=True))
         for item in flight.batch.scheduled:
             seq = item.seq
             sample = next(samples) if item.samples else None
             if seq.is_finished:
                 continue  # aborted, or ended by an earlier token while this batch ran
-            if sample is None:
-                self.block_manager.register_computed_blocks(seq)
+            if sample is not None:
+                self._apply_sample(seq, *sample, touched)
                 continue
-            token_id, logprobs, index = sample
-            request = self.requests[seq.request_id]
-            if logprobs is not None:
-                seq.logprobs.append(logprobs)
-                seq.cumulative_logprob += logprobs[token_id]
-            reason = request.on_sampled(seq, index, token_id, self.eos_token_ids)
             self.block_manager.register_computed_blocks(seq)
-            if reason is not None:
-                seq.finish_reason = reason
-                self.scheduler.finish(seq)
-            touched[seq.request_id] = request
+            if item.reaches_end:  # no output allowed (max_tokens=0): the prompt was all
+                self._finish(seq, self.requests[seq.request_id].end_without_output(seq), touched)
+
+    def _apply_sample(self, seq, token_id: int, logprobs: dict[int, float] | None, index: int,
+                      touched: dict[str, Request]) -> None:
+        """Put a sampled token in place of its placeholder (then its blocks can be hashed)."""
+        request = self.requests[seq.request_id]
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token_id]
+        reason = request.on_sampled(seq, index, token_id, self.eos_token_ids)
+        self.block_manager.register_computed_blocks(seq)
+        if reason is not None:
+            self._finish(seq, reason, touched)
+        touched[seq.request_id] = request
+
+    def _finish(self, seq, reason: str, touched: dict[str, Request]) -> None:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        touched[seq.request_id] = self.requests[seq.request_id]
 
     def _outputs(self, touched: dict[str, Request], stream) -> list[RequestOutput]:
         outputs = []

@@ -10,7 +10,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.kernels.triton_checks import supports_attention
-from pagedserve.replicas.engine import step_inputs
+from pagedserve.replicas.engine import prompt_logprobs, step_inputs
 from pagedserve.replicas.engine.cuda_graphs import DecodeGraphs
 from pagedserve.replicas.engine.kv_sizing import profile_peak_bytes
 from pagedserve.replicas.engine.sampler import PendingSample, Sampler, SampleResult, plain_greedy
@@ -81,6 +81,7 @@ class ModelRunner:
         # the step pipes: a collective, at the same point on every rank
         self.broadcaster = StepBroadcaster(tp) if tp is not None and tp.rank == 0 else None
         self.receiver = StepReceiver(tp) if tp is not None and tp.rank > 0 else None
+        self._prompt_chunk = prompt_logprobs.rows_per_chunk(config.max_num_seqs)
         self._prev_tokens: torch.Tensor | None = None  # last step's sampled ids, on the device
         self._prev_rows: dict[int, int] = {}  # seq_id -> row of that tensor
 
@@ -92,18 +93,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_async(self, batch: SchedulerOutput) -> PendingSample | None:
-        """Launch the step; the returned handle's `result()` waits for the sampled ids."""
+        """Launch the step; the returned handle's `result()` waits for the sampled ids (and
+        the prompt logprobs the step computes). None when the step yields neither."""
         graph_size = self._graph_size(batch)
-        host = step_inputs.prepare(batch, self.block_size, self._prev_rows, pad_to=graph_size)
+        scores = prompt_logprobs.plan(batch)
+        host = step_inputs.prepare(batch, self.block_size, self._prev_rows, pad_to=graph_size,
+                                   prompt_rows=prompt_logprobs.hidden_rows(scores))
         inputs = step_inputs.upload(host, self.device)
         sampled = [s.seq for s in batch.scheduled if s.samples]
         # under tensor parallelism every rank then works out the ids itself (`greedy_ids`)
         greedy = self.tp is not None and plain_greedy(sampled)
         if self.broadcaster is not None:
             self.broadcaster.publish(host, inputs, graph_size, greedy)
-        hidden = self._forward(inputs, host.num_seqs, graph_size)
+        hidden = self._forward(inputs, graph_size)
+        prompt = (prompt_logprobs.score(self.model, hidden, inputs.prompt_rows, scores,
+                                        self._prompt_chunk) if scores else None)
+        hidden = step_inputs.sampling_rows(hidden, inputs, host.num_seqs, graph_size)
         if hidden is None:
-            return None
+            pending = PendingSample(None, None, []) if prompt is not None else None
+        else:
+            pending = self._sample(hidden, sampled, greedy)
+        if pending is not None:
+            pending.prompt = prompt
+        return pending
+
+    def _sample(self, hidden: torch.Tensor, sampled: list, greedy: bool) -> PendingSample:
         if greedy:
             pending = PendingSample(self.model.greedy_ids(hidden), None, sampled)
         else:
@@ -120,7 +134,11 @@ class ModelRunner:
         receiver = self.receiver
         try:
             while (step := receiver.receive()) is not None:
-                hidden = self._forward(step.inputs, step.num_seqs, step.graph_size)
+                hidden = self._forward(step.inputs, step.graph_size)
+                prompt_logprobs.follow(self.model, hidden, step.inputs.prompt_rows,
+                                       self._prompt_chunk)
+                hidden = step_inputs.sampling_rows(hidden, step.inputs, step.num_seqs,
+                                                   step.graph_size)
                 if hidden is None:
                     continue
                 if step.greedy:  # the same ids as rank 0's, which a later decode may read
@@ -151,22 +169,14 @@ class ModelRunner:
             self.graphs.release()
             self.graphs = None
 
-    def _forward(self, inputs: step_inputs.DeviceInputs, num_seqs: int,
-                 graph_size: int | None) -> torch.Tensor | None:
-        """The step's final hidden states at its sampling rows (None if no sequence samples)."""
+    def _forward(self, inputs: step_inputs.DeviceInputs, graph_size: int | None) -> torch.Tensor:
+        """The step's final hidden states, a row per input token (and per graph padding row)."""
         if len(inputs.fill_rows):  # decode inputs sampled by the step still in flight
             inputs.ids.index_copy_(0, inputs.fill_rows,
                                    self._prev_tokens.index_select(0, inputs.fill_from))
         if graph_size is not None:
-            hidden = self.graphs.run(inputs, graph_size)[:num_seqs]
-        else:
-            hidden = self.model(inputs.ids, inputs.positions, inputs.meta, self.kv_cache)
-        num_sampled = len(inputs.sample_rows)
-        if not num_sampled:
-            return None
-        if num_sampled != num_seqs or graph_size is None:
-            hidden = hidden[inputs.sample_rows]
-        return hidden
+            return self.graphs.run(inputs, graph_size)
+        return self.model(inputs.ids, inputs.positions, inputs.meta, self.kv_cache)
 
     def kv_cache_bytes_per_block(self) -> int:
         spec = self.spec
@@ -236,3 +246,4 @@ class ModelRunner:
         logger.info("KV budget %.2f GiB (peak %.2f GiB, other %.2f GiB, total %.2f GiB)",
                     budget / 2**30, peak / 2**30, others / 2**30, total / 2**30)
         return budget
+

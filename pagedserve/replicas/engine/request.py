@@ -18,7 +18,8 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        self.max_output_tokens = min(params.max_tokens or max_model_len, max_model_len - len(prompt_token_ids))
+        wanted = max_model_len if params.max_tokens is None else params.max_tokens
+        self.max_output_tokens = min(wanted, max_model_len - len(prompt_token_ids))
         self.seqs = [Sequence(request_id, i, prompt_token_ids, params, block_size) for i in range(params.n)]
         for seq in self.seqs:
             seq.max_len = len(prompt_token_ids) + self.max_output_tokens
@@ -39,6 +40,7 @@ class Request:
         self._sent_tokens = [0] * len(self.seqs)
         self._sent_text = [0] * len(self.seqs)
         self._sent_finish = [False] * len(self.seqs)
+        self._sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -89,6 +91,11 @@ class Request:
         self.detokenizers[seq.index].finish()
         return "stop"
 
+    def end_without_output(self, seq: Sequence) -> str:
+        """`seq` may generate nothing (`max_tokens=0`) and its prompt is computed: it ends."""
+        self.detokenizers[seq.index].finish()
+        return "length"
+
     def _flush(self, seq: Sequence) -> None:
         pending = self._undecoded[seq.index]
         if pending:
@@ -108,7 +115,7 @@ class Request:
 
         Per completion: the tokens sampled since (those still in flight excluded), the text
         they added, their logprobs and, once, the finish reason; a completion without news is
-        left out. Nothing already sent is copied again.
+        left out; the prompt logprobs, once. Nothing already sent is copied again.
         """
         completions = []
         for seq in self.seqs:
@@ -123,7 +130,17 @@ class Request:
             outputs=completions,
             finished=self.finished,
             num_cached_tokens=self.seqs[0].num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs_delta(),
         )
+
+    def _prompt_logprobs_delta(self) -> list[dict[int, float] | None] | None:
+        """The prompt logprobs, once: in the first delta after every prompt token is scored
+        (before the first token is sampled, so in the request's first delta)."""
+        scored = self.seqs[0].prompt_logprobs
+        if self._sent_prompt_logprobs or scored is None or len(scored) < len(self.prompt_token_ids):
+            return None
+        self._sent_prompt_logprobs = True
+        return scored
 
     def _completion_delta(self, seq: Sequence) -> CompletionOutput | None:
         i = seq.index

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,8 @@ from pagedserve.replicas.engine.sequence import Sequence
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]  # raw model log-probs: sampled + top alternatives
+    # the step's prompt logprobs: per sequence that scored prompt tokens, their entries
+    prompt_logprobs: list[tuple[Sequence, list[dict[int, float]]]] = field(default_factory=list)
 
 
 class Sampler:
@@ -81,27 +83,40 @@ class Sampler:
         return tokens
 
 
-class PendingSample:
-    """Sampled ids still on the device; `result()` copies them (and logprobs) to the host once."""
+class HostCopy:
+    """A device tensor's copy to the host, started now; `wait()` returns it once it arrived."""
 
-    def __init__(self, tokens: torch.Tensor, raw_logprobs: torch.Tensor | None,
-                 seqs: list[Sequence]) -> None:
-        self.tokens, self.raw_logprobs, self.seqs = tokens, raw_logprobs, seqs
-        self._host: torch.Tensor | None = None
-        self._event = None
-        if tokens.is_cuda:  # start the copy now; result() then only waits for it
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor, self._event = tensor, None
+        if tensor.is_cuda:  # start the copy now; wait() then only waits for it
+            self._tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._tensor.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
-    def result(self) -> SampleResult:
+    def wait(self) -> torch.Tensor:
         if self._event is not None:
             self._event.synchronize()
-            token_list = self._host.tolist()
-        else:
-            token_list = self.tokens.tolist()
-        return SampleResult(token_list, _gather_logprobs(self.raw_logprobs, token_list, self.seqs))
+        return self._tensor
+
+
+class PendingSample:
+    """Sampled ids still on the device; `result()` copies them (and logprobs) to the host once.
+
+    `tokens` is None for a step that samples nothing but scores prompt tokens (`prompt`, a
+    `PendingPromptLogprobs`, set by the model runner)."""
+
+    def __init__(self, tokens: torch.Tensor | None, raw_logprobs: torch.Tensor | None,
+                 seqs: list[Sequence]) -> None:
+        self.tokens, self.raw_logprobs, self.seqs = tokens, raw_logprobs, seqs
+        self._copy = HostCopy(tokens) if tokens is not None else None
+        self.prompt = None
+
+    def result(self) -> SampleResult:
+        token_list = self._copy.wait().tolist() if self._copy is not None else []
+        prompt = self.prompt.result() if self.prompt is not None else []
+        return SampleResult(token_list, _gather_logprobs(self.raw_logprobs, token_list, self.seqs),
+                            prompt)
 
 
 def plain_greedy(seqs: list[Sequence]) -> bool:

@@ -13,12 +13,16 @@ from pagedserve.replicas.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # new tokens computed this step
-    # True when this chunk reaches the sequence's end, so the step yields its next token. Fixed
-    # when scheduled: the engine advances the sequence as soon as the step is launched.
+    # Fixed when scheduled (the engine advances the sequence as soon as the step is launched):
+    # whether this chunk reaches the sequence's end, and whether the step then yields its next
+    # token (not when no output is allowed: `max_tokens=0`).
+    reaches_end: bool = field(init=False)
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
+        seq = self.seq
+        self.reaches_end = seq.num_computed_tokens + self.num_tokens == len(seq)
+        self.samples = self.reaches_end and len(seq) < seq.max_len
 
 
 @dataclass

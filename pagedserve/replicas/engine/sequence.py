@@ -53,6 +53,11 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
+        # prompt_logprobs: one entry per prompt token scored so far (the first has none), and
+        # how many prompt positions were launched for scoring (a recompute skips those)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.num_scored_positions = 0
         self.generator = _make_generator(params.seed, index)
         self.leader: Sequence | None = None  # n > 1: completion 0, whose prompt blocks we share
         self.grammars = None  # structured output: the engine's `Grammars` and this seq's matcher
@@ -76,8 +81,32 @@ class Sequence:
 
     @property
     def all_tokens_sampled(self) -> bool:
-        """Every allowed token exists (maybe as a placeholder), so nothing is left to compute."""
-        return len(self.token_ids) >= self.max_len
+        """Every allowed token exists (maybe as a placeholder) and the prompt is computed, so
+        nothing is left to compute (with no output allowed, the prompt is all there is)."""
+        return (len(self.token_ids) >= self.max_len
+                and self.num_computed_tokens >= self.num_prompt_tokens)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """This sequence computes its request's prompt logprobs (completion 0 does, for all n)."""
+        return self.prompt_logprobs is not None and self.leader is None
+
+    def positions_to_score(self, num_tokens: int) -> range:
+        """Positions among the next `num_tokens` computed whose hidden states predict a prompt
+        token not scored yet (position p predicts token p + 1)."""
+        if not self.scores_prompt:
+            return range(0)
+        start = max(self.num_computed_tokens, self.num_scored_positions)
+        end = min(self.num_computed_tokens + num_tokens, self.num_prompt_tokens - 1)
+        return range(start, max(start, end))
+
+    def advance(self, num_tokens: int) -> None:
+        """Count `num_tokens` more as computed (their step is launched), and the prompt
+        positions they score."""
+        scored = self.positions_to_score(num_tokens)
+        if scored:
+            self.num_scored_positions = scored.stop
+        self.num_computed_tokens += num_tokens
 
     def drop_placeholders(self) -> None:
         """Forget tokens still in flight (the sequence ended before they arrived)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ class HostInputs:
     num_seqs: int
     num_decodes: int
     max_query_len: int
+    # [R] rows whose logits score prompt tokens (prompt_logprobs; see prompt_logprobs.py)
+    prompt_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -44,6 +46,7 @@ class DeviceInputs:
     sample_rows: torch.Tensor
     fill_rows: torch.Tensor
     fill_from: torch.Tensor
+    prompt_rows: torch.Tensor
     num_decodes: int
     max_query_len: int
     flat: torch.Tensor | None = None  # the one tensor all of the above are views of ...
@@ -64,9 +67,21 @@ class DeviceInputs:
         )
 
 
+def sampling_rows(hidden: torch.Tensor, inputs: DeviceInputs, num_seqs: int,
+                  graph_size: int | None) -> torch.Tensor | None:
+    """The hidden states whose logits give next tokens (None if no sequence samples)."""
+    num_sampled = len(inputs.sample_rows)
+    if not num_sampled:
+        return None
+    if num_sampled == num_seqs and graph_size is not None:
+        return hidden[:num_seqs]  # a decode graph's rows, padding cut off
+    return hidden[inputs.sample_rows]
+
+
 def prepare(batch: SchedulerOutput, block_size: int, prev_rows: dict[int, int],
-            pad_to: int | None = None) -> HostInputs:
-    """Flatten `batch`; a decode batch may be padded to `pad_to` rows of no-op sequences."""
+            pad_to: int | None = None, prompt_rows: np.ndarray | None = None) -> HostInputs:
+    """Flatten `batch`; a decode batch may be padded to `pad_to` rows of no-op sequences.
+    `prompt_rows`: the rows whose logits score prompt tokens (`prompt_logprobs.hidden_rows`)."""
     ids, pos, slots, ctx, starts, sample_rows, fill_rows, fill_from = [], [], [], [], [0], [], [], []
     for item in batch.scheduled:
         seq, start = item.seq, item.seq.num_computed_tokens
@@ -104,6 +119,7 @@ def prepare(batch: SchedulerOutput, block_size: int, prev_rows: dict[int, int],
         np.array(sample_rows, np.int64), np.array(fill_rows, np.int64),
         np.array(fill_from, np.int64), num_seqs, batch.num_decodes + pad,
         max(b - a for a, b in zip(starts, starts[1:], strict=False)),
+        np.zeros(0, np.int64) if prompt_rows is None else prompt_rows,
     )
 
 
@@ -133,7 +149,8 @@ def _table_array(seq: Sequence) -> np.ndarray:
 def upload(host: HostInputs, device: torch.device) -> DeviceInputs:
     """One host-to-device copy of every array, then views into it."""
     parts = [host.ids, host.positions, host.slots, host.context_lens, host.query_start_loc,
-             host.block_tables.reshape(-1), host.sample_rows, host.fill_rows, host.fill_from]
+             host.block_tables.reshape(-1), host.sample_rows, host.fill_rows, host.fill_from,
+             host.prompt_rows]
     layout = FlatLayout([len(p) for p in parts], host.block_tables.shape)
     return layout.views(torch.from_numpy(np.concatenate(parts)), host.num_decodes,
                         host.max_query_len, device)
@@ -145,7 +162,7 @@ class FlatLayout:
     same tensor and unpack it with the same layout)."""
 
     lengths: list[int]  # of ids, positions, slots, context_lens, query_start_loc, the flat
-    # block tables, sample_rows, fill_rows, fill_from
+    # block tables, sample_rows, fill_rows, fill_from, prompt_rows
     table_shape: tuple[int, int]
 
     def views(self, host_flat: torch.Tensor, num_decodes: int, max_query_len: int,

@@ -24,9 +24,9 @@ from pagedserve.replicas.parallel import step_pipes
 from pagedserve.replicas.parallel.layers import TensorParallel
 
 _STEP, _STOP = 1, 2
-_NUM_ARRAYS = 9  # the arrays of FlatLayout.lengths
+_NUM_ARRAYS = 10  # the arrays of FlatLayout.lengths
 # kind, num_seqs, num_decodes, max_query_len, graph size (0: eager), ids follow (0/1),
-# greedy ids on every rank (0/1), table rows, table width, then the nine lengths
+# greedy ids on every rank (0/1), table rows, table width, then the ten lengths
 HEADER_LEN = 9 + _NUM_ARRAYS
 
 

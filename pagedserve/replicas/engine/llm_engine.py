@@ -57,9 +57,10 @@ class LLMEngine:
                  init_method: str | None = None, tensors=None, model=None,
                  files: ModelFiles | None = None) -> None:
         """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
-        the model directory's safetensors files (e.g. the object store); `model`: the model
-        already loaded on this engine's device (a standby engine's), used as it is; `files`:
-        the model's config and tokenizer, read ahead (used only if it is `config.model`'s)."""
+        the model directory's safetensors files (e.g. mapped from the node's weight store);
+        `model`: the model already loaded on this engine's device (a standby engine's), used as
+        it is; `files`: the model's config and tokenizer, read ahead (used only if it is
+        `config.model`'s)."""
         self.config = config
         self.num_steps, self.step_seconds = 0, 0.0  # for the step-time metrics
         started = time.perf_counter()

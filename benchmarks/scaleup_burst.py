@@ -40,7 +40,9 @@ def app_args(engine: dict, path: str, torch_threads: int | None, num_gpus: float
                         "queue_wait_fraction": 0.5, "scale_down_after_s": 2.0,
                         "look_back_period_s": 0.3, "metrics_interval_s": 0.1,
                         "membership_poll_s": 0.1, "graceful_shutdown_timeout_s": 5},
-        "weight_store": {"enabled": path == "object_store", "max_gib": max_gib},
+        # A host standby maps the store's memory rather than holding a copy of its own.
+        "weight_store": {"enabled": path in ("object_store", "standby_host"),
+                         "max_gib": max_gib},
     }
     if path == "parked":
         args["standby"] = {"parked": 1}

@@ -48,7 +48,9 @@ def _wait_for_store(control, timeout_s: float):
 
 
 def _pin(tensors: list, device) -> bool:
-    """Register the mapping (every view shares it) as pinned host memory, on a GPU."""
+    """Register the mapping (every view shares it) as pinned host memory, on a GPU. The
+    standby keeps its tensors, so the mapping, for the process's whole life: a registration
+    must not outlive its memory (CUDA would take a later mapping at that address for pinned)."""
     if device.type != "cuda" or not any(t.numel() for _, t in tensors):
         return False
     from pagedserve.replicas.models.device_copy import pin_in_place

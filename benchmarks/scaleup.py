@@ -46,10 +46,10 @@ from pagedserve.replicas.node.warm_workers import preload_environment
 
 try:
     from benchmarks import scaleup_burst
-    from benchmarks.scaleup_burst import standby_mode
+    from benchmarks.scaleup_burst import STORE_PATHS, standby_mode
 except ModuleNotFoundError:  # run as `python benchmarks/scaleup.py`
     import scaleup_burst
-    from scaleup_burst import standby_mode
+    from scaleup_burst import STORE_PATHS, standby_mode
 
 DECISION_PATHS = ("disk", "object_store", "standby_host", "standby_device")
 BURST_PATHS = ("parked", "standby_device", "standby_host")
@@ -148,14 +148,16 @@ def start_replica(config: dict, directory, app: str, num_gpus: float) -> dict:
         ray.kill(replica)
 
 
-def wait_standby_ready(app: str, timeout_s: float = 600.0) -> None:
-    """A standby path's pool has one ready (it is made ahead of demand, before the decision)."""
+def wait_standby_ready(app: str, timeout_s: float = 600.0) -> dict:
+    """A standby path's pool has one ready (it is made ahead of demand, before the decision);
+    returns where the ready standby's weights came from."""
     deadline = time.monotonic() + timeout_s
     node = ray.get_runtime_context().get_node_id()
     while time.monotonic() < deadline:
         pool = find(app, node, STANDBY_POOL)
-        if pool is not None and ray.get(pool.stats.remote())["ready"] >= 1:
-            return
+        stats = ray.get(pool.stats.remote()) if pool is not None else {"ready": 0}
+        if stats["ready"] >= 1:
+            return next(iter(stats["weights"].values()))
         time.sleep(0.2)
     raise TimeoutError(f"no standby of {app} was ready in {timeout_s:.0f} s")
 
@@ -168,7 +170,7 @@ def directories(model: str | None, max_gib: float, config: dict, paths: list[str
         standby = None
         if standby_mode(path):
             standby = {"engine": config["engine"], "per_node": 1, "mode": standby_mode(path)}
-        store_gib = max_gib if path == "object_store" else None  # one copy in the store
+        store_gib = max_gib if path in STORE_PATHS else None  # one copy in the store
         out[path] = (app, Directory.remote(app, model, store_gib, standby))
         ray.get(out[path][1].ensure_node_services.remote(node))
     return out
@@ -187,9 +189,10 @@ def run(args: argparse.Namespace) -> dict:
     try:
         dirs = directories(model, args.max_gib, config, paths)
         store_stats = {}
-        if "object_store" in dirs:
+        store_paths = [p for p in STORE_PATHS if p in dirs]
+        if store_paths:
             started = time.perf_counter()
-            store = find(dirs["object_store"][0], ray.get_runtime_context().get_node_id(),
+            store = find(dirs[store_paths[0]][0], ray.get_runtime_context().get_node_id(),
                          WEIGHT_STORE)
             store_stats = ray.get(store.stats.remote())
             store_stats["fill_s"] = time.perf_counter() - started
@@ -200,11 +203,12 @@ def run(args: argparse.Namespace) -> dict:
                 app, directory = dirs[path]
                 if path == "disk":
                     cache_dropped = drop_page_cache(model_dir)
-                if standby_mode(path):
-                    wait_standby_ready(app)
+                standby_weights = wait_standby_ready(app) if standby_mode(path) else None
                 scaleup_burst.wait_warm_worker()
                 runs.append({"path": path, **start_replica(path_config(config, path), directory,
                                                            app, num_gpus)})
+                if standby_weights is not None:
+                    runs[-1]["standby_weights"] = standby_weights
                 phases = ", ".join(f"{k} {v:.2f}" for k, v in runs[-1]["phases"].items())
                 print(f"{path:>15}: {runs[-1]['decision_to_first_token_s']:.2f} s to the "
                       f"first token (engine from {runs[-1]['weights_from']}, warm worker "

@@ -34,6 +34,9 @@ BURST_TOKENS = 4096  # long enough that the first replica stays full until the b
 BURST_TIMEOUT_S = 180.0  # every request of a burst has its first token by then, or it failed
 
 
+STORE_PATHS = ("object_store", "standby_host")  # a host standby maps the node's weight store
+
+
 def standby_mode(path: str) -> str | None:
     """The standby engines a path's node keeps (None: a new replica spawns its engine)."""
     if path == "object_store":
@@ -50,7 +53,7 @@ def app_args(engine: dict, path: str, torch_threads: int | None, num_gpus: float
                         "queue_wait_fraction": 0.5, "scale_down_after_s": 2.0,
                         "look_back_period_s": 0.3, "metrics_interval_s": 0.1,
                         "membership_poll_s": 0.1, "graceful_shutdown_timeout_s": 5},
-        "weight_store": {"enabled": path == "object_store", "max_gib": max_gib},
+        "weight_store": {"enabled": path in STORE_PATHS, "max_gib": max_gib},
     }
     if path == "parked":
         args["standby"] = {"parked": 1}

@@ -96,7 +96,12 @@ class AutoscaleConfig(BaseModel):
 
 
 class WeightStoreConfig(BaseModel):
-    """The per-node actor that keeps the model's tensors in Ray's object store."""
+    """The per-node actor that keeps the model's tensors once, in a shared-memory file it owns.
+
+    Not in Ray's object store: the processes that read the weights (a replica's engine process,
+    a standby engine) are not Ray workers. They map the store's file and copy each tensor to
+    their device from there.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

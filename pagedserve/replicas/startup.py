@@ -45,15 +45,12 @@ async def start_engine(config: ClusterConfig, router, timer: PhaseTimer,
         with timer.phase("weight_fetch"):
             shared = await fetch_shared_weights(app_name, router, STORE_WAIT_S)
     loop = asyncio.get_running_loop()
-    try:
-        engine = await loop.run_in_executor(None, functools.partial(
-            EngineClient, config.engine, config.torch_threads,
-            max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
-            shared_weights=shared, standby=standby, gpu_ids=gpu_ids,
-            rank_failure=rank_failure))
-    finally:
-        if shared is not None:
-            shared.unlink()  # the engine copied the tensors out (or failed)
+    # `shared` is a view of the store's memory: the store keeps it for the next replica.
+    engine = await loop.run_in_executor(None, functools.partial(
+        EngineClient, config.engine, config.torch_threads,
+        max_deltas_per_s=config.max_deltas_per_s, init_method=init_method,
+        shared_weights=shared, standby=standby, gpu_ids=gpu_ids,
+        rank_failure=rank_failure))
     timer.update(engine.startup_phases)
     # This replica may have taken the node's warm Ray worker: one for the next replica, in the
     # background (a raylet call, then that worker's imports, off this start's path).

@@ -1,5 +1,7 @@
 """Standby engines: a replica adopts one (no spawn) and gets the disk path's tokens; its engine
-ends with it; a dead standby is replaced; with none ready the replica spawns and says why.
+ends with it; a dead standby is replaced; with none ready the replica spawns and says why. A
+host-mode standby maps the node's weight store instead of keeping a copy of its own, and reads
+the files (saying why) when the store cannot serve it.
 
 Runs its own small local Ray cluster (no Serve, no HTTP port). A stand-in replica actor runs
 the real start path (`replicas.startup.start_engine`) against real `NodeServices`.
@@ -9,16 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import time
 
 import pytest
 import ray
+import torch
 from ray_clusters import own_ray_cluster
+from safetensors.torch import load_file, save_file
 
 from local_cluster.test_weight_store import StoreRouter
 from pagedserve.config import ClusterConfig
 from pagedserve.replicas.engine.startup_phases import PhaseTimer
-from pagedserve.replicas.node.services import STANDBY_POOL, find
+from pagedserve.replicas.models.shared_weights import MEMFD_NAME
+from pagedserve.replicas.node.services import STANDBY_POOL, WEIGHT_STORE, find
 from pagedserve.replicas.node.standby_client import claim_standby
 from pagedserve.replicas.startup import start_engine
 from pagedserve.sampling_params import SamplingParams
@@ -27,6 +34,8 @@ PROMPT = [5, 17, 33, 101, 7, 250, 12]
 APP = "test-standby"
 READY_TIMEOUT_S = 120
 EXIT_BOUND_S = 5.0
+EXTRA_BYTES = 96 * 2**20  # a checkpoint tensor no layer uses, to make the model's size show
+WEIGHTS_FROM = {"host": "weight_store", "imported": "adoption", "device": "files"}
 
 
 def _config(model, mode: str = "host", per_node: int = 1) -> ClusterConfig:
@@ -95,6 +104,7 @@ def test_a_replica_adopts_a_standby_and_its_engine_ends_with_it(tiny_llama, loca
     assert adopted["source"] == f"standby_{mode}"
     assert adopted["pid"] in before["pids"]  # the standby became the engine: nothing spawned
     assert after["claimed"] == 1 and after["spawned"] == before["spawned"] + 1  # its successor
+    assert before["weights"][adopted["pid"]]["from"] == WEIGHTS_FROM[mode]
     assert adopted["tokens"] == from_disk["tokens"] and len(adopted["tokens"]) == 12
     # The standby read the model's config and tokenizer ahead (or built the whole engine).
     assert "standby_preload" in adopted["standby"]
@@ -155,3 +165,75 @@ def test_no_standby_means_spawn_with_a_logged_reason(tiny_llama, local_ray, capl
     spawned = ray.get(StandInReplica.remote().start.remote(config.model_dump(), None,
                                                            f"{APP}-none"))
     assert spawned["source"] == "disk" and len(spawned["tokens"]) == 12
+
+
+@pytest.fixture(scope="module")
+def big_llama(tiny_llama, tmp_path_factory):
+    """The tiny checkpoint plus one large tensor that no layer uses (the loader skips it)."""
+    out = tmp_path_factory.mktemp("big") / "model"
+    shutil.copytree(tiny_llama, out)
+    weights = load_file(out / "model.safetensors")
+    weights["extra.unused"] = torch.randn(EXTRA_BYTES // 4)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _ready_pool(app: str, model, mode: str, max_gib: float | None = 1.0):
+    """A router with this node's services for `app` (a store unless `max_gib` is None), and
+    the stats of its pool once one standby is ready."""
+    standby = {"engine": _config(model, mode).engine.model_dump(), "per_node": 1, "mode": mode}
+    router = StoreRouter.remote(app, str(model), max_gib, standby)
+    node = ray.get_runtime_context().get_node_id()
+    ray.get(router.ensure_node_services.remote(node))
+    return router, _wait_ready_standbys(find(app, node, STANDBY_POOL), 1)
+
+
+def _memfd_inodes(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/maps") as maps:
+        return {int(line.split()[4]) for line in maps if f"memfd:{MEMFD_NAME}" in line}
+
+
+def _own_resident_bytes(pid: int) -> int:
+    """Resident memory that is the process's own: anonymous and file pages, not shared memory
+    (which a mapping of the store's file is)."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
+
+
+def test_a_host_standby_maps_the_store_instead_of_holding_a_copy(big_llama, local_ray):
+    app = f"{APP}-shared"
+    host_router, host = _ready_pool(app, big_llama, "host")
+    baseline_router, baseline = _ready_pool(f"{APP}-baseline", big_llama, "imported", None)
+    pid, baseline_pid = host["pids"][0], baseline["pids"][0]
+    store = find(app, ray.get_runtime_context().get_node_id(), WEIGHT_STORE)
+    shared = ray.get(store.handle.remote())
+
+    assert host["weights"][pid]["from"] == "weight_store"
+    assert shared.nbytes > EXTRA_BYTES
+    # It maps the store's file itself (same inode), and holds no copy of the model: its own
+    # memory is within half the model's size of a standby that holds no weights at all.
+    assert _memfd_inodes(pid) == {os.stat(shared.path).st_ino}
+    assert not _memfd_inodes(baseline_pid)
+    own, without_weights = _own_resident_bytes(pid), _own_resident_bytes(baseline_pid)
+    assert own < without_weights + shared.nbytes // 2, (own, without_weights, shared.nbytes)
+    del host_router, baseline_router
+
+
+@pytest.mark.parametrize("max_gib", [None, 1e-6], ids=["no-store", "store-refused-the-model"])
+def test_a_host_standby_without_a_usable_store_reads_the_files(tiny_llama, local_ray, max_gib):
+    app = f"{APP}-files-{'none' if max_gib is None else 'refused'}"
+    router, stats = _ready_pool(app, tiny_llama, "host", max_gib)
+    weights = stats["weights"][stats["pids"][0]]
+    from_disk = ray.get(StandInReplica.remote().start.remote(
+        _config(tiny_llama, per_node=0).model_dump(), None, app))
+    adopted = ray.get(StandInReplica.remote().start.remote(
+        _config(tiny_llama, "host").model_dump(), router, app))
+
+    assert weights["from"] == "files"
+    if max_gib is None:
+        assert "why" not in weights  # no store configured: nothing to explain
+    else:
+        assert "exceed the weight store's bound" in weights["why"], weights
+    assert adopted["source"] == "standby_host" and adopted["pid"] == stats["pids"][0]
+    assert adopted["tokens"] == from_disk["tokens"]

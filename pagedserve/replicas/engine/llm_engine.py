@@ -57,7 +57,7 @@ class LLMEngine:
                  init_method: str | None = None, tensors=None, model=None,
                  files: ModelFiles | None = None, defer_graphs: bool = False) -> None:
         """`tensors`: the checkpoint's `(name, tensor)` pairs when they come from elsewhere than
-        the model directory's safetensors files (e.g. the node's weight store); `model`: the
+        the model directory's safetensors files (e.g. mapped from the node's weight store); `model`: the
         model already loaded on this engine's device (a standby engine's), used as it is;
         `files`: the model's config and tokenizer, read ahead (used only if it is
         `config.model`'s); `defer_graphs`: a server's engine, ready sooner: the decode graphs

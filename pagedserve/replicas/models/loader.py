@@ -1,12 +1,14 @@
 """Build a model from a Hugging Face directory and stream its safetensors weights into it.
 
 Under tensor parallelism each rank reads only its slice of every split tensor (safetensors
-reads a slice without loading the rest).
+reads a slice without loading the rest). On a GPU the copies run asynchronously
+(`device_copy`): straight from pinned host memory, else through pinned staging buffers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from pagedserve.kernels import cpu_linear
+from pagedserve.replicas.models.device_copy import DeviceCopier
 from pagedserve.replicas.models.llama import LlamaForCausalLM
 from pagedserve.replicas.models.spec import ModelSpec
 from pagedserve.replicas.parallel.layers import TensorParallel, split_dims, vocab_shard_size
@@ -24,10 +27,10 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
                tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> LlamaForCausalLM:
     """Create the model without initialising weights, then fill every parameter.
 
-    The weights come from `tensors` (checkpoint names and tensors, e.g. from the object store)
-    when given, else from the directory's safetensors files. With `tp`, only this rank's shard
-    of each split weight is built and copied. A float32 model on a CPU gets its linear layers'
-    weights packed for oneDNN (`cpu_linear`).
+    The weights come from `tensors` (checkpoint names and host tensors, e.g. mapped from the
+    node's weight store) when given, else from the directory's safetensors files. With `tp`,
+    only this rank's shard of each split weight is built and copied. A float32 model on a CPU
+    gets its linear layers' weights packed for oneDNN (`cpu_linear`).
     """
     if tensors is not None:
         stored = ((name, TensorSlices(tensor)) for name, tensor in tensors)
@@ -39,9 +42,9 @@ def load_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, devic
     model.tie_weights()
     _zero_vocab_padding(model)
     model.model.rotary.build(device)
-    _load_weights(model, stored)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the copies from pinned host memory were asynchronous
+    # On a GPU the copies are asynchronous; leaving the block waits for them (one synchronize).
+    with DeviceCopier(device) if device.type == "cuda" else nullcontext(_copy_on_host) as copy:
+        _load_weights(model, stored, copy)
     cpu_linear.pack_model(model)  # float32 on a CPU only
     return model.eval()
 
@@ -110,13 +113,18 @@ class TensorSlices:
         return self.tensor[index]
 
 
-def _load_weights(model: LlamaForCausalLM, stored: Iterable[tuple[str, object]]) -> None:
+def _copy_on_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _load_weights(model: LlamaForCausalLM, stored: Iterable[tuple[str, object]], copy) -> None:
+    """Copy every checkpoint tensor into its parameter with `copy(dst, src)`."""
     params = dict(model.named_parameters(remove_duplicate=False))
     dims = split_dims(model)
     expected = _expected_checkpoint_names(model, params)
     loaded: set[str] = set()
     for name, handle in stored:
-        if _load_one(model, params, dims, name, handle):
+        if _load_one(model, params, dims, name, handle, copy):
             loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:
@@ -124,7 +132,8 @@ def _load_weights(model: LlamaForCausalLM, stored: Iterable[tuple[str, object]])
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {shown}")
 
 
-def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stored) -> bool:
+def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stored,
+              copy) -> bool:
     """Copy one checkpoint tensor (a safetensors slice handle) into its parameter, or skip it."""
     if "rotary_emb" in name or (name == "lm_head.weight" and model.spec.tie_word_embeddings):
         return False
@@ -136,7 +145,7 @@ def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stor
             full = stored.get_shape()
             _check_shape(name, view, [full[0] // ranks, *full[1:]])
             size = view.shape[0]  # this rank's rows of q, k, v, gate or up
-            view.copy_(stored[rank * size: (rank + 1) * size], non_blocking=True)
+            copy(view, stored[rank * size: (rank + 1) * size])
             return True
     if name not in params:
         return False  # extra tensors (e.g. unused buffers) are ignored
@@ -144,13 +153,14 @@ def _load_one(model: LlamaForCausalLM, params: dict, dims: dict, name: str, stor
     dim = dims.get(name)
     if dim is None:
         _check_shape(name, param, stored.get_shape())
-        param.data.copy_(stored[:], non_blocking=True)
+        copy(param.data, stored[:])
     else:
-        _load_split(name, param, stored, dim, rank, ranks)
+        _load_split(name, param, stored, dim, rank, ranks, copy)
     return True
 
 
-def _load_split(name: str, param: torch.Tensor, stored, dim: int, rank: int, ranks: int) -> None:
+def _load_split(name: str, param: torch.Tensor, stored, dim: int, rank: int, ranks: int,
+                copy) -> None:
     """Read this rank's slice along `dim`; a padded last vocabulary shard keeps zeros past the end."""
     full = list(stored.get_shape())
     shard = param.shape[dim]
@@ -162,7 +172,7 @@ def _load_split(name: str, param: torch.Tensor, stored, dim: int, rank: int, ran
                          f"{tuple(whole)} (split along dimension {dim} over {ranks} ranks)")
     start, stop = min(rank * shard, full[dim]), min((rank + 1) * shard, full[dim])
     part = stored[start:stop] if dim == 0 else stored[:, start:stop]
-    param.data.narrow(dim, 0, stop - start).copy_(part, non_blocking=True)
+    copy(param.data.narrow(dim, 0, stop - start), part)
 
 
 def _zero_vocab_padding(model: LlamaForCausalLM) -> None:

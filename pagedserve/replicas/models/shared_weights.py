@@ -1,30 +1,32 @@
-"""Checkpoint tensors handed to the engine's process in one shared-memory file.
+"""Checkpoint tensors in one anonymous shared-memory file, readable by processes that are not
+Ray workers.
 
-The engine runs in a child process that is not a Ray worker, so it cannot read the object store
-itself. The replica reads the store's arrays zero-copy and writes them once into a file in
-`/dev/shm`; the engine maps that file and copies each tensor to its device (one host-to-device
-copy per tensor). bfloat16 travels as uint16 bits (numpy has no bfloat16). torch is imported
-only where tensors are made or read: the replica's own process packs numpy arrays alone.
+The node's weight store writes every tensor of the checkpoint once, in its own dtype, into a
+memfd it owns (`create_memfd`, `write_tensors`). An engine process (spawned by a replica, so not
+a Ray worker: it cannot read Ray's object store) and a host-mode standby map that file
+read-only through `/proc/<store pid>/fd/<fd>` and copy each tensor to their device from the
+mapping: the node holds the weights once, and nothing is staged in `/dev/shm`. The file has no
+path, so a killed store leaves nothing behind; its memory is freed once the store and every
+mapping are gone. torch is imported only where tensors are written or read.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
+import mmap
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-SHM_DIR = "/dev/shm"
+MEMFD_NAME = "pagedserve-weights"  # how the mapping shows in /proc/<pid>/maps
 _ALIGN = 64  # keep every tensor's start aligned for vectorised copies
+_WRITE_BYTES = 2**30  # one write call's most (Linux writes at most ~2 GiB at once)
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SharedWeights:
-    """A file of packed tensors plus where each one lies; picklable, cheap to send."""
+    """Where to open another process's file of packed tensors, and where each tensor lies in
+    it; picklable, cheap to send.
+
+    The memory belongs to the process that wrote it (the weight store), which keeps it for its
+    whole life: a reader maps it and has nothing to release.
+    """
 
     path: str
     entries: tuple[TensorEntry, ...]
@@ -48,51 +55,62 @@ class SharedWeights:
         return sum(e.nbytes for e in self.entries)
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor as a zero-copy view of the mapped file, in checkpoint order."""
+        """Every tensor as a zero-copy, read-only view of the mapped file, in checkpoint order.
+        The mapping lasts as long as any of the views."""
         import torch
 
-        size = os.path.getsize(self.path)
-        if size == 0:
-            return
-        data = torch.from_file(self.path, shared=False, size=size, dtype=torch.uint8)
+        size = max((e.offset + e.nbytes for e in self.entries), default=0)
+        data = _map_read_only(self.path, size) if size else torch.empty(0, dtype=torch.uint8)
         for e in self.entries:
-            dtype = getattr(torch, e.dtype)
             raw = data[e.offset:e.offset + e.nbytes]
-            yield e.name, raw.view(dtype).view(e.shape)
-
-    def unlink(self) -> None:
-        """Remove the file; processes that mapped it keep their mapping."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            yield e.name, raw.view(getattr(torch, e.dtype)).view(e.shape)
 
 
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy (bfloat16 as its uint16 bits)."""
+def create_memfd() -> int:
+    """A new anonymous shared-memory file that can be sealed once written."""
+    return os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def write_tensors(fd: int, tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[TensorEntry, ...]:
+    """Write each `(name, tensor)`'s bytes, in the tensor's own dtype, at the next aligned
+    offset of `fd`, then seal it: readers can trust that what they map never changes size or
+    content."""
+    entries, offset = [], 0
+    for name, tensor in tensors:
+        offset = -(-offset // _ALIGN) * _ALIGN
+        raw = memoryview(_bytes_of(tensor)).cast("B")
+        _write_all(fd, raw, offset)
+        entries.append(TensorEntry(name, str(tensor.dtype).removeprefix("torch."),
+                                   tuple(tensor.shape), offset, len(raw)))
+        offset += len(raw)
+    os.ftruncate(fd, offset)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    return tuple(entries)
+
+
+def _bytes_of(tensor: torch.Tensor):
+    """The tensor's bytes as a numpy array (any dtype, bfloat16 included: numpy has none)."""
     import torch
 
-    if tensor.dtype == torch.bfloat16:  # numpy cannot hold it
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return tensor.contiguous().numpy()
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def pack(arrays: dict[str, tuple[np.ndarray, str]]) -> SharedWeights:
-    """Write `{name: (array, torch dtype name)}` into one new shared-memory file."""
-    entries, offset = [], 0
-    for name, (array, dtype) in arrays.items():
-        offset = -(-offset // _ALIGN) * _ALIGN
-        entries.append(TensorEntry(name, dtype, tuple(array.shape), offset, array.nbytes))
-        offset += array.nbytes
-    path = os.path.join(_shm_dir(offset), f"pagedserve-weights-{uuid.uuid4().hex}")
-    with open(path, "wb") as f:
-        f.truncate(offset)
-        for entry, (array, _) in zip(entries, arrays.values(), strict=True):
-            f.seek(entry.offset)
-            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-    return SharedWeights(path, tuple(entries))
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:done + _WRITE_BYTES], offset + done)
 
 
-def _shm_dir(nbytes: int) -> str:
-    """`/dev/shm` when it has room (memory-backed), else the temp directory."""
-    if os.path.isdir(SHM_DIR) and shutil.disk_usage(SHM_DIR).free > 2 * nbytes:
-        return SHM_DIR
-    return tempfile.gettempdir()
+def _map_read_only(path: str, size: int) -> torch.Tensor:
+    """The file's first `size` bytes as a uint8 tensor over a shared, read-only mapping."""
+    import torch
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)  # the mapping keeps the file open
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark a tensor read-only; the mapping itself refuses writes.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapping, dtype=torch.uint8)

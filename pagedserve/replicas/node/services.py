@@ -45,11 +45,14 @@ class NodeServices:
                 scheduling_strategy=affinity,
             ).remote(self.model, int(self.weight_store["max_gib"] * 2**30))
         if self.standby is not None and (node_id, STANDBY_POOL) not in self._actors:
+            # The store first: its name exists from here on, so the pool finds it (and waits
+            # for it) even while it is still loading.
+            store = store_name(self.app_name, node_id) if self.weight_store is not None else None
             pool = StandbyPool.options(
                 name=pool_name(self.app_name, node_id), get_if_exists=True,
                 scheduling_strategy=affinity,
             ).remote(self.standby["engine"], self.standby["per_node"], self.standby["mode"],
-                     _node_gpus(node_id))
+                     _node_gpus(node_id), store)
             pool.start.remote()
             self._actors[node_id, STANDBY_POOL] = pool
 

@@ -9,7 +9,8 @@ In every mode the model's config and tokenizer are read ahead (the adopting engi
 `model_files` phase).
 - `imported`: nothing more; the engine reads its weights when adopted.
 - `host`: the checkpoint's tensors in (pinned, when a GPU is present) host memory: adoption
-  copies them to the device once.
+  copies them to the device once. With a weight store on the node that memory is the store's,
+  mapped and registered in place (`standby_weights`), so the node holds the model once.
 - `device`: the model built and loaded on its device. Where the KV cache's size is known
   before adoption (a CPU engine, or a fixed `num_kvcache_blocks`) the whole engine is built,
   KV cache, graphs and one warm-up step included, and adoption only connects; otherwise the KV
@@ -27,13 +28,17 @@ import threading
 import time
 from multiprocessing.connection import Listener
 
+from pagedserve.replicas.node.standby_weights import WEIGHTS_MESSAGE
+
 ADOPT_MESSAGE = "adopt"
 
 
 def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
-                gpu: int | None) -> None:
+                gpu: int | None, store_wait_s: float | None = None) -> None:
     """Process entry point (see the module docstring). `gpu`: the device index for `device`
-    mode, and the device whose memory host-mode tensors are pinned for."""
+    mode, and the device whose memory host-mode tensors are pinned for. `store_wait_s`: how
+    long a host-mode standby waits for the pool to send the node's weight store (None: the node
+    has none)."""
     started = time.perf_counter()
     from pagedserve.kernels.triton_cache import use_node_cache
 
@@ -46,7 +51,7 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
     phases = {"standby_imports": time.perf_counter() - started}
     try:
         preload_started = time.perf_counter()
-        preloaded = _preload(config, mode, gpu, torch)
+        preloaded, weights = _preload(config, mode, gpu, torch, control, store_wait_s)
         phases["standby_preload"] = time.perf_counter() - preload_started
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
     except BaseException as err:
@@ -54,7 +59,7 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
         return
     adopted = threading.Event()
     threading.Thread(target=_exit_with_pool, args=(control, adopted), daemon=True).start()
-    control.send(("ready", os.getpid(), phases))
+    control.send(("ready", os.getpid(), phases, weights))
     conn = listener.accept()
     adopted.set()
     listener.close()
@@ -74,12 +79,15 @@ def run_standby(control, address: str, authkey: bytes, config: dict, mode: str,
     serve_engine(conn, engine_config, torch_threads, init_method, phases, **ready)
 
 
-def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict:
+def _preload(config: dict, mode: str, gpu: int | None, torch, control,
+             store_wait_s: float | None) -> tuple[dict, dict]:
     """What `mode` prepares before adoption, as engine keyword arguments: the model's files
-    (config, tokenizer) in every mode, plus `tensors`, `model` or a whole `engine`."""
+    (config, tokenizer) in every mode, plus `tensors`, `model` or a whole `engine`; and where
+    the weights came from (`{"from": ...}`; see `standby_weights.host_tensors` for host mode)."""
     from pagedserve.config import EngineConfig, resolve_device, resolve_dtype
-    from pagedserve.replicas.models.loader import load_model, read_safetensors, safetensors_files
+    from pagedserve.replicas.models.loader import load_model
     from pagedserve.replicas.models.model_files import load_model_files
+    from pagedserve.replicas.node.standby_weights import host_tensors
 
     engine_config = EngineConfig(**config)
     device = resolve_device(engine_config.device)
@@ -87,19 +95,16 @@ def _preload(config: dict, mode: str, gpu: int | None, torch) -> dict:
         torch.cuda.set_device(gpu)  # the engine's allocations and graphs go to this GPU
         device = torch.device("cuda", gpu)
     if mode == "device" and (device.type == "cpu" or engine_config.num_kvcache_blocks is not None):
-        return {"engine": _warm_engine(engine_config)}
+        return {"engine": _warm_engine(engine_config)}, {"from": "files"}
     files = load_model_files(engine_config.model, progress=False)
     if mode == "imported":
-        return {"files": files}
+        return {"files": files}, {"from": "adoption"}  # the adopting replica's store or disk
     dtype = resolve_dtype(engine_config.dtype, device)
     if mode == "host":
-        pin = device.type == "cuda"
-        tensors = [(name, t.to(dtype if t.is_floating_point() else t.dtype).pin_memory()
-                    if pin else t) for name, t in read_safetensors(safetensors_files(
-                        files.model_dir))]
-        return {"files": files, "tensors": tensors}
+        tensors, weights = host_tensors(files, dtype, device, control, store_wait_s)
+        return {"files": files, "tensors": tensors}, weights
     return {"files": files, "model": load_model(files.spec, files.model_dir, dtype, device,
-                                                progress=False)}
+                                                progress=False)}, {"from": "files"}
 
 
 def _warm_engine(config):
@@ -146,8 +151,8 @@ def _exit_with_pool(control, adopted: threading.Event) -> None:
     """Until adopted, end this process when the pool's end of the pipe closes."""
     try:
         while not adopted.is_set():
-            if control.poll(0.5):
-                control.recv()  # the pool sends nothing; a message means it is closing
+            # The pool sends nothing now but a late weight store (this standby did without).
+            if control.poll(0.5) and control.recv()[0] != WEIGHTS_MESSAGE:
                 break
     except (EOFError, OSError):
         pass

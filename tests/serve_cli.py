@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from pagedserve.bench.serve_process import stop_serve_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -50,12 +51,6 @@ def wait_ready(proc: subprocess.Popen, base_url: str, log_path: Path, timeout_s:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGINT the `serve run` group (as Ctrl-C), then make sure its Ray cluster is gone."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ENV,
-                   capture_output=True, timeout=120)
+    """SIGINT the `serve run` group (as Ctrl-C), then make sure its Ray cluster is gone; other
+    Ray clusters on this machine are left alone."""
+    stop_serve_run(proc)

@@ -1,0 +1,58 @@
+"""A `serve run` child process for benchmarks and tests: the Ray cluster it started, and a stop
+that ends only that cluster's processes.
+
+`serve run` without an address starts a local Ray cluster whose daemons (GCS, raylet, the
+workers under it, HAProxy under its manager actor) all descend from the `serve run` process.
+Several such clusters may run on one machine at once, so neither `ray stop --force` (every Ray
+process on the machine) nor `ray.init(address="auto")` (the newest cluster, maybe another's)
+is safe: both are replaced here by the `serve run` process's own tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+
+GRACE_S = 60  # for `serve run` to shut Serve and its Ray cluster down after Ctrl-C
+
+
+def ray_address(proc: subprocess.Popen) -> str:
+    """The GCS address (`ip:port`) of the Ray cluster that `serve run` (`proc`) started. The
+    GCS picks its port when it starts and writes it into the session directory."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.name() != "gcs_server":
+                continue
+            args = dict(arg.split("=", 1) for arg in child.cmdline()
+                        if arg.startswith("--") and "=" in arg)
+        except psutil.Error:
+            continue
+        port_file = next(Path(args["--session-dir"]).glob("gcs_server_port_*"))
+        return f"{args['--node-ip-address']}:{port_file.read_text().strip()}"
+    raise RuntimeError(f"serve run (pid {proc.pid}) has no GCS process: did it start Ray?")
+
+
+def stop_serve_run(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """Ctrl-C the `serve run` process group (started with `start_new_session=True`); then
+    kill whatever of its process tree outlived it (processes that left the group, or a
+    shutdown that hung)."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(tree, timeout=10)

@@ -1,5 +1,5 @@
-"""A `serve run` child process for benchmarks and tests: the Ray cluster it started, and a stop
-that ends only that cluster's processes.
+"""A `serve run` child process for benchmarks and tests: the Ray cluster it started, Serve's
+HAProxy mode on free ports, and a stop that ends only that cluster's processes.
 
 `serve run` without an address starts a local Ray cluster whose daemons (GCS, raylet, the
 workers under it, HAProxy under its manager actor) all descend from the `serve run` process.
@@ -18,7 +18,32 @@ from pathlib import Path
 
 import psutil
 
+from pagedserve.replicas.parallel.rendezvous import free_port
+
+# Serve's HAProxy mode, read by Ray Serve when Ray starts (ray/serve/_private/constants.py).
+HAPROXY_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 GRACE_S = 60  # for `serve run` to shut Serve and its Ray cluster down after Ctrl-C
+# Ports Serve's HAProxy mode binds besides the HTTP port, fixed by default (Ray 2.60's
+# `ray/serve/_private/constants.py`); the ingress replicas' own ports (30000 and up) Serve
+# moves on from when taken.
+HAPROXY_MODE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def haproxy_environment() -> dict[str, str]:
+    """Environment for a `serve run` in Serve's HAProxy mode, every fixed port it would bind
+    beside the HTTP port (HAProxy's stats and metrics pages, Serve's fallback proxy) moved
+    to a free one, so it can start next to other clusters on this machine."""
+    ports: set[int] = set()
+    while len(ports) < len(HAPROXY_MODE_PORTS):
+        ports.add(free_port())
+    moved = zip(HAPROXY_MODE_PORTS, map(str, ports), strict=True)
+    return {**HAPROXY_MODE_ENV, **dict(moved)}
+
+
+def fallback_proxy_url(env: dict[str, str]) -> str:
+    """The URL of Serve's own HTTP proxy that HAProxy mode keeps on the head node."""
+    return f"http://127.0.0.1:{env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}"
 
 
 def ray_address(proc: subprocess.Popen) -> str:

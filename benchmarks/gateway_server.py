@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
+from pagedserve.bench import serve_process
 from pagedserve.bench.serve_process import free_port
 
 try:
@@ -62,14 +62,7 @@ def start_gateway(config: Path, tmp: Path, redis_url: str,
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
     """Until `url/readyz` answers 200; exits if `serve run` dies or time runs out."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve run exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"{url} not ready after {READY_TIMEOUT_S} s")
+    try:
+        serve_process.wait_ready(url, proc, log, READY_TIMEOUT_S)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None

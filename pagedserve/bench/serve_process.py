@@ -1,5 +1,6 @@
-"""A `serve run` child process for benchmarks and tests: the Ray cluster it started, Serve's
-HAProxy mode on free ports, and a stop that ends only that cluster's processes.
+"""A `serve run` child process for benchmarks and tests: waiting until it serves, the Ray
+cluster it started, Serve's HAProxy mode on free ports, and a stop that ends only that
+cluster's processes.
 
 `serve run` without an address starts a local Ray cluster whose daemons (GCS, raylet, the
 workers under it, HAProxy under its manager actor) all descend from the `serve run` process.
@@ -14,8 +15,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 from pagedserve.replicas.parallel.rendezvous import free_port
@@ -44,6 +47,23 @@ def haproxy_environment() -> dict[str, str]:
 def fallback_proxy_url(env: dict[str, str]) -> str:
     """The URL of Serve's own HTTP proxy that HAProxy mode keeps on the head node."""
     return f"http://127.0.0.1:{env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}"
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Until `url/readyz` answers 200. RuntimeError, with the end of `serve run`'s log, if it
+    exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}:\n"
+                               f"{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
 
 
 def ray_address(proc: subprocess.Popen) -> str:

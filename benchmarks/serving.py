@@ -35,6 +35,7 @@ import httpx
 import transformers
 import yaml
 
+from pagedserve.bench.serve_process import stop_serve_run
 from pagedserve.bench.serving_client import run_client_processes
 from pagedserve.bench.serving_stats import poisson_offsets, summarize
 
@@ -141,15 +142,8 @@ def start_server(config: Path, log: Path) -> subprocess.Popen:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    import signal
-
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ENV,
-                   capture_output=True)
+    """Ctrl-C `serve run` and end what is left of its Ray cluster (no other cluster's)."""
+    stop_serve_run(proc)
 
 
 def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) -> dict:

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-replicas", type=int, default=None)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--haproxy", action="store_true",
+                     help="Ray Serve's HAProxy mode: HAProxy on the HTTP port in front of every "
+                     "ingress replica's own HTTP port (RAY_SERVE_ENABLE_HA_PROXY=1 for the "
+                     "local Ray cluster `serve run` starts)")
     srv.set_defaults(run=_serve)
     graf = commands.add_parser("grafana", help="write the Grafana dashboard, or push it to Grafana")
     graf.add_argument("--out", type=Path, help="write the dashboard JSON to this file")
@@ -100,11 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
     serve_cli = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
+    from pagedserve.bench.serve_process import HAPROXY_MODE_ENV
     from pagedserve.replicas.node.warm_workers import preload_environment
 
     print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
-    # A local Ray started by `serve run` preloads Ray Serve into its workers (warm workers).
-    return subprocess.call([serve_cli, "run", f.name], env={**os.environ, **preload_environment()})
+    # A local Ray started by `serve run` preloads Ray Serve into its workers (warm workers);
+    # Serve reads its proxy mode from the environment Ray starts with.
+    env = {**os.environ, **preload_environment(), **(HAPROXY_MODE_ENV if args.haproxy else {})}
+    return subprocess.call([serve_cli, "run", f.name], env=env)
 
 
 def _chat(args: argparse.Namespace) -> int:

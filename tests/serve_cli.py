@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from pagedserve.bench import serve_process
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -36,26 +35,13 @@ def serve_run(config: Path | str, base_url: str, log_path: Path, timeout_s: floa
 
 
 def wait_ready(proc: subprocess.Popen, base_url: str, log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve run exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"server not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+    try:
+        serve_process.wait_ready(base_url, proc, log_path, timeout_s)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGINT the `serve run` group (as Ctrl-C), then make sure its Ray cluster is gone."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ENV,
-                   capture_output=True, timeout=120)
+    """SIGINT the `serve run` group (as Ctrl-C), then make sure its Ray cluster is gone; other
+    Ray clusters on this machine are left alone."""
+    serve_process.stop_serve_run(proc)

@@ -1,4 +1,5 @@
 """Tracebacks in a Ray cluster's Serve logs: a test that served traffic asserts there are none.
+Also what the logs say about one request (which replica answered it, how its calls ended).
 
 Serve's own log files (`logs/serve/*.log`) hold what Serve logs; what escapes it (an
 exception on a future nobody awaited, a crash) goes to the Serve actor's worker stderr
@@ -28,6 +29,26 @@ def serve_tracebacks(logs: Path, context: int = 1500) -> list[str]:
         if "Traceback" in text:
             at = text.index("Traceback")
             found.append(f"{path.name}: {text[at:at + context]}")
+    return found
+
+
+def request_log_lines(logs: Path, request_id: str) -> list[str]:
+    """Every line of the Serve logs that names `request_id` (Serve logs a request's id on
+    each line about it, in the ingress replica's access log and in the replicas it called),
+    prefixed with its file's name."""
+    return [f"{path.name}: {line}" for path in sorted((logs / "serve").glob("*.log"))
+            for line in path.read_text(errors="replace").splitlines() if request_id in line]
+
+
+def ingress_replicas_of(logs: Path, request_ids: list[str],
+                        deployment: str = "Ingress") -> dict[str, str]:
+    """Request id -> the id of the `deployment` replica whose log names it (the replica that
+    answered it), for the ids found."""
+    found = {}
+    for path in (logs / "serve").glob(f"replica_*_{deployment}_*.log"):
+        text = path.read_text(errors="replace")
+        replica = path.stem.rsplit("_", 1)[1]
+        found.update({rid: replica for rid in request_ids if rid in text})
     return found
 
 

@@ -1,0 +1,103 @@
+"""A `serve run` child process for benchmarks and tests: waiting until it serves, the Ray
+cluster it started, Serve's HAProxy mode on free ports, and a stop that ends only that
+cluster's processes.
+
+`serve run` without an address starts a local Ray cluster whose daemons (GCS, raylet, the
+workers under it, HAProxy under its manager actor) all descend from the `serve run` process.
+Several such clusters may run on one machine at once, so neither `ray stop --force` (every Ray
+process on the machine) nor `ray.init(address="auto")` (the newest cluster, maybe another's)
+is safe: both are replaced here by the `serve run` process's own tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from pagedserve.replicas.parallel.rendezvous import free_port
+
+# Serve's HAProxy mode, read by Ray Serve when Ray starts (ray/serve/_private/constants.py).
+HAPROXY_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+GRACE_S = 60  # for `serve run` to shut Serve and its Ray cluster down after Ctrl-C
+# Ports Serve's HAProxy mode binds besides the HTTP port, fixed by default (Ray 2.60's
+# `ray/serve/_private/constants.py`); the ingress replicas' own ports (30000 and up) Serve
+# moves on from when taken.
+HAPROXY_MODE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def haproxy_environment() -> dict[str, str]:
+    """Environment for a `serve run` in Serve's HAProxy mode, every fixed port it would bind
+    beside the HTTP port (HAProxy's stats and metrics pages, Serve's fallback proxy) moved
+    to a free one, so it can start next to other clusters on this machine."""
+    ports: set[int] = set()
+    while len(ports) < len(HAPROXY_MODE_PORTS):
+        ports.add(free_port())
+    moved = zip(HAPROXY_MODE_PORTS, map(str, ports), strict=True)
+    return {**HAPROXY_MODE_ENV, **dict(moved)}
+
+
+def fallback_proxy_url(env: dict[str, str]) -> str:
+    """The URL of Serve's own HTTP proxy that HAProxy mode keeps on the head node."""
+    return f"http://127.0.0.1:{env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}"
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Until `url/readyz` answers 200. RuntimeError, with the end of `serve run`'s log, if it
+    exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}:\n"
+                               f"{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+
+
+def ray_address(proc: subprocess.Popen) -> str:
+    """The GCS address (`ip:port`) of the Ray cluster that `serve run` (`proc`) started. The
+    GCS picks its port when it starts and writes it into the session directory."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.name() != "gcs_server":
+                continue
+            args = dict(arg.split("=", 1) for arg in child.cmdline()
+                        if arg.startswith("--") and "=" in arg)
+        except psutil.Error:
+            continue
+        port_file = next(Path(args["--session-dir"]).glob("gcs_server_port_*"))
+        return f"{args['--node-ip-address']}:{port_file.read_text().strip()}"
+    raise RuntimeError(f"serve run (pid {proc.pid}) has no GCS process: did it start Ray?")
+
+
+def stop_serve_run(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """Ctrl-C the `serve run` process group (started with `start_new_session=True`); then
+    kill whatever of its process tree outlived it (processes that left the group, or a
+    shutdown that hung)."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(tree, timeout=10)

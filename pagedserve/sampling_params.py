@@ -47,8 +47,8 @@ class SamplingParams:
     `temperature=0` is greedy. Invalid values raise ValueError naming the field.
     Stop strings are never part of the returned text unless `include_stop_str_in_output`.
     `prompt_logprobs=N` returns each prompt token's log-prob given the tokens before it, with
-    the N most likely alternatives; `max_tokens=0` generates nothing (e.g. only to score the
-    prompt) and finishes with "length" once the prompt is computed.
+    the N most likely alternatives; with it, `max_tokens=0` generates nothing (the prompt is
+    only scored) and finishes with "length" once the prompt is computed.
     """
 
     n: int = 1
@@ -105,8 +105,10 @@ class SamplingParams:
             _check(_is_num(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
                "repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 0),
-               "max_tokens", f"must be an integer >= 0, got {self.max_tokens!r}")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt alone
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= least),
+               "max_tokens", f"must be an integer >= 1 (0 only with prompt_logprobs, to score "
+               f"the prompt alone), got {self.max_tokens!r}")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
                f"must be an integer >= 0, got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",

@@ -42,10 +42,12 @@ def request_logprobs(request: OpenAIRequest) -> int | None:
 
 def request_prompt_logprobs(request: OpenAIRequest) -> int | None:
     """How many alternatives per prompt token the engine computes (None: no prompt logprobs):
-    vLLM's `prompt_logprobs`, and an echo with `logprobs` shows the prompt's (as vLLM does)."""
+    vLLM's `prompt_logprobs`, and an echo with `logprobs` shows the prompt's (as vLLM does).
+    An echo with `max_tokens: 0` only runs the prompt, which the engine does by scoring it."""
     if not isinstance(request, CompletionRequest):
         return None
-    wanted = [request.prompt_logprobs, request.logprobs if request.echo else None]
+    prompt_only = 0 if request.echo and request.max_tokens == 0 else None
+    wanted = [request.prompt_logprobs, request.logprobs if request.echo else None, prompt_only]
     wanted = [n for n in wanted if n is not None]
     return max(wanted) if wanted else None
 

@@ -1,5 +1,6 @@
-"""Streaming load through an app handle while a test breaks something, and what became of
-every request: sent, succeeded, or ended with an error before or after its first token.
+"""Streaming load through an app handle (or over HTTP) while a test breaks something, and what
+became of every request: sent, succeeded, or ended with an error before or after its first
+token.
 
 A request counts as started once its client saw a token: from then on a failure is visible
 to it as a cut-off answer, before that it must be re-admitted somewhere (or was lost).
@@ -67,6 +68,51 @@ class Load:
             except Exception as err:  # noqa: BLE001 (recorded: the test judges it)
                 outcome.error = f"{type(err).__name__}: {str(err)[-300:]}"
             outcome.ended_at = time.monotonic()
+
+
+@dataclass
+class HttpLoad(Load):
+    """`Load` over HTTP: `handle` is the server's base URL; a plain client, no retries. Each
+    request opens a connection of its own: a kept-alive one that the server closes while idle
+    would fail the next request on it for a reason that is no fault's."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=self.handle, timeout=120, limits=limits) as http:
+            await asyncio.gather(*(self._http_client(http, stop)
+                                   for _ in range(self.concurrency)))
+
+    async def _http_client(self, http, stop: asyncio.Event) -> None:
+        body = {**self.body, "stream": True, "stream_options": {"include_usage": True}}
+        while not stop.is_set():
+            outcome = Outcome(sent_at=time.monotonic())
+            self.outcomes.append(outcome)
+            try:
+                await self._stream(http, body, outcome)
+            except Exception as err:  # noqa: BLE001 (recorded: the test judges it)
+                outcome.error = f"{type(err).__name__}: {str(err)[-300:]}"
+            outcome.ended_at = time.monotonic()
+
+    async def _stream(self, http, body: dict, outcome: Outcome) -> None:
+        import json
+
+        async with http.stream("POST", "/v1/completions", json=body) as reply:
+            if reply.status_code != 200:
+                raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"error event: {chunk['error']}")
+                if outcome.first_token_at is None and chunk.get("choices"):
+                    outcome.first_token_at = time.monotonic()
+                if chunk.get("usage"):
+                    outcome.completion_tokens = chunk["usage"]["completion_tokens"]
+        if outcome.completion_tokens != body["max_tokens"]:
+            outcome.error = f"incomplete: {outcome.completion_tokens} tokens"
 
 
 async def with_load(load: Load, fault, settle_s: float, warm_s: float = 1.0) -> float:

@@ -2,7 +2,7 @@
 `pagedserve serve --haproxy` runs it: only the requests it held fail (streams that had started
 end cut off; one that had not gets no answer), HAProxy sends everything after to the other
 ingress replica, and Serve replaces the dead one. (HAProxy's `retry-on empty-response` was
-tried for the unanswered ones: 0-2 failed per kill with it and without it, so it is not set.)
+tried for the unanswered ones: 0-3 failed per kill with it and without it, so it is not set.)
 
 Its own `serve run` (a tiny random model, one replica, two ingress replicas) on free ports.
 """

@@ -6,37 +6,19 @@ this package only: the modules after it start clusters of their own in this proc
 """
 
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from ray_clusters import leave_ray_cluster
+from serve_cli import serve_run
+
+from pagedserve.bench.serve_process import ray_address
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 8000  # ray_configs/local.yaml's, as in the README
 BASE_URL = f"http://127.0.0.1:{PORT}"
 STARTUP_TIMEOUT_S = 420
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-
-
-def _wait_ready(proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve run exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{BASE_URL}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
 def _fail_if_port_taken(port: int) -> None:
@@ -47,32 +29,18 @@ def _fail_if_port_taken(port: int) -> None:
                         "the README's `serve run` does: stop whatever listens there first")
 
 
+_SERVED: dict[str, str] = {}  # the served cluster's Ray address, for the second driver
+
+
 @pytest.fixture(scope="package")
 def server(tmp_path_factory) -> str:
     """`serve run ray_configs/local.yaml`, ready; yields the base URL."""
     _fail_if_port_taken(PORT)
     log_path = tmp_path_factory.mktemp("serve") / "serve-run.log"
-    with open(log_path, "w") as log:
-        serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
-        proc = subprocess.Popen([serve_cli, "run", "ray_configs/local.yaml"], cwd=REPO,
-                                env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        _wait_ready(proc, log_path)
+    with serve_run(REPO / "ray_configs" / "local.yaml", BASE_URL, log_path,
+                   STARTUP_TIMEOUT_S) as proc:
+        _SERVED["address"] = ray_address(proc)
         yield BASE_URL
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ENV,
-                   capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="package")
@@ -81,7 +49,7 @@ def ray_driver(server):
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="auto", logging_level="warning", log_to_driver=False)
+    ray.init(address=_SERVED["address"], logging_level="warning", log_to_driver=False)
     yield ray
     leave_ray_cluster()
 

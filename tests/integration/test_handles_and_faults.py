@@ -8,11 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_cli import ENV, REPO
 from serve_logs import logs_dir, serve_tracebacks
 from transformers import AutoTokenizer
 
 from pagedserve.replicas.models.default_model import default_model_dir
-from tests.integration.conftest import ENV, REPO
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"

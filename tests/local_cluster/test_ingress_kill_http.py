@@ -59,9 +59,17 @@ def _ingress_replicas() -> list:
     return [r for r in details.replicas if str(r.state.value) == "RUNNING"]
 
 
+def _wait_for_ingress_replicas(count: int, timeout_s: float = 120) -> list:
+    """Until Serve runs `count` ingress replicas (the app answers /readyz with one)."""
+    deadline = time.monotonic() + timeout_s
+    while len(replicas := _ingress_replicas()) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(replicas) == count, replicas
+    return replicas
+
+
 def test_a_killed_ingress_fails_only_what_it_held_and_haproxy_moves_on(served):
-    replicas = _ingress_replicas()
-    assert len(replicas) == 2, replicas
+    replicas = _wait_for_ingress_replicas(2)
     load = HttpLoad(served["url"], {"model": "tiny", "prompt": "w5 w6 w7 w8",
                                     "max_tokens": MAX_TOKENS, "temperature": 0,
                                     "ignore_eos": True}, CONCURRENCY)
@@ -77,7 +85,4 @@ def test_a_killed_ingress_fails_only_what_it_held_and_haproxy_moves_on(served):
     assert all(o.sent_at <= killed_at + 1.0 for o in failed), failed[:3]
     settled = load.counts(since=killed_at + 5.0)
     assert settled["sent"] > 0 and settled["succeeded"] == settled["sent"], settled
-    deadline = time.monotonic() + 60
-    while len(_ingress_replicas()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert len(_ingress_replicas()) == 2  # Serve replaced it
+    _wait_for_ingress_replicas(2)  # Serve replaced it

@@ -25,6 +25,7 @@ Writes JSON (`summary[path]`) and a timeline PNG.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -176,7 +177,9 @@ def directories(model: str | None, max_gib: float, config: dict, paths: list[str
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, progress: Path | None = None) -> dict:
+    """Every path's starts, then the bursts. With `progress`, what has been measured so far is
+    rewritten there after each start and burst, so a run cut short still leaves its figures."""
     model = args.model or (str(_random_model(args)) if args.device == "cuda" else None)
     model_dir = resolve_model_dir(model, progress=True)
     config = {"engine": {"model": model, "device": args.device, "max_num_seqs": args.max_num_seqs,
@@ -213,6 +216,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"{path:>15}: {runs[-1]['decision_to_first_token_s']:.2f} s to the "
                       f"first token (engine from {runs[-1]['weights_from']}, warm worker "
                       f"{runs[-1]['warm_worker']}): {phases}", flush=True)
+                save_progress(progress, runs, {})
         for directory in dirs.values():
             ray.kill(directory[1])
         bursts = {}
@@ -223,11 +227,23 @@ def run(args: argparse.Namespace) -> dict:
             bursts[path] = scaleup_burst.run_path(path, burst_args, args.repeats, PROMPT)
             print(f"{path:>15}: {bursts[path]['burst_to_first_token_s']:.2f} s from the burst "
                   "to the new capacity's first token", flush=True)
+            save_progress(progress, runs, bursts)
     finally:
         ray.shutdown()
     return {"benchmark": "scaleup", **common.environment(args.device), "model": str(model_dir),
             "page_cache_dropped": cache_dropped, "weight_store": store_stats,
             "runs": runs, "bursts": bursts, "summary": summarize(runs, bursts)}
+
+
+def save_progress(progress: Path | None, runs: list[dict], bursts: dict) -> None:
+    if progress is not None:
+        partial = {"benchmark": "scaleup", "partial": True, "runs": runs, "bursts": bursts,
+                   "summary": summarize(runs, bursts)}
+        progress.write_text(json.dumps(partial, indent=1, default=str))
+
+
+def progress_path(out: Path) -> Path:
+    return out.with_name(out.stem + "-partial.json")
 
 
 def summarize(runs: list[dict], bursts: dict | None = None) -> dict:
@@ -327,7 +343,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = common.default_out("scaleup", args.device, args.out)  # before the run, not after
-    result = run(args)
+    result = run(args, progress_path(out))
+    progress_path(out).unlink(missing_ok=True)
     print_table(result["summary"])
     bars = {s: v["decision_to_first_token_s"] for s, v in result["summary"].items()
             if "decision_to_first_token_s" in v}

@@ -95,6 +95,7 @@ class DecodeGraphs:
         """Capture `sizes`, largest first, so smaller graphs reuse the pool's memory."""
         if self._pool is None:
             self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        self._clear_inputs()
         for size in sorted(sizes, reverse=True):
             self._forward(size)  # warm-up outside the graph: kernels compiled, handles made
             graph = torch.cuda.CUDAGraph()
@@ -106,6 +107,17 @@ class DecodeGraphs:
         self.sizes = sorted(self.graphs)
         logger.info("captured decode CUDA graphs for batch sizes %s (%d pending)",
                     sorted(sizes), len(self.pending))
+
+    def _clear_inputs(self) -> None:
+        """Rows that store nothing and attend to nothing. The warm-up forward before a capture
+        runs for real: after serving, the buffers still hold the last replay's slots, and a
+        deferred capture would write its rows' keys and values into those sequences' blocks
+        (blocks that the prefix cache may hand to a later request)."""
+        self.ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(-1)
+        self.context_lens.zero_()
+        self.block_tables.zero_()
 
     def release(self) -> None:
         """Free every graph. Must come before the tensor-parallel group is destroyed: NCCL

@@ -134,6 +134,7 @@ def start_server(config: Path, log: Path) -> subprocess.Popen:
             raise SystemExit(f"serve run exited:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get("http://127.0.0.1:8000/readyz", timeout=2).status_code == 200:
+                print(f"server ready ({log})", flush=True)
                 return proc
         except httpx.HTTPError:
             pass
@@ -154,6 +155,9 @@ def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) 
     runs, _ = run_client_processes(url, model, [jobs[i::clients] for i in range(clients)])
     summary = summarize([o for run in runs for o in run.outcomes])
     wall = max(summary["wall_s"], 1e-9)
+    # As each run ends, so a run cut short by a time limit still shows how far it got.
+    print(f"rate {rate:g}/s: {summary['requests']} requests, {summary['errors']} errors, "
+          f"{summary['tokens_per_s']:.1f} tok/s, {summary['wall_s']:.1f} s", flush=True)
     return {"request_rate": rate, **summary,
             "client_cpu_s": sum(run.cpu_s for run in runs),
             "client_busiest_cpu_share": max(run.cpu_s for run in runs) / wall}

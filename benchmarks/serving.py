@@ -36,7 +36,7 @@ import transformers
 import yaml
 
 from pagedserve.bench.serve_process import stop_serve_run
-from pagedserve.bench.serving_client import run_client_processes
+from pagedserve.bench.serving_client import STALL_TIMEOUT_S, run_client_processes
 from pagedserve.bench.serving_stats import poisson_offsets, summarize
 
 try:
@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="?", const="auto", type=sweep_rates,
                    help="run several request rates: comma-separated requests/s, or without a "
                    "value fractions of the rate an all-at-once run sustains")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S,
+                   help="seconds a request may receive nothing before it ends with an error")
     p.add_argument("--engine-direct", action="store_true",
                    help="also measure our engine offline on the same workload, first")
     p.add_argument("--out", type=Path)
@@ -147,12 +149,14 @@ def stop_server(proc: subprocess.Popen) -> None:
     stop_serve_run(proc)
 
 
-def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) -> dict:
+def drive(url: str, model: str, workload, rate: float, clients: int, seed: int,
+          stall_timeout_s: float = STALL_TIMEOUT_S) -> dict:
     """One run at `rate`; its summary plus the clients' CPU time and the rate asked for."""
     n = len(workload.prompts)
     offsets = poisson_offsets(n, rate, seed)
     jobs = [(offsets[i], workload.prompts[i], workload.output_lens[i]) for i in range(n)]
-    runs, _ = run_client_processes(url, model, [jobs[i::clients] for i in range(clients)])
+    runs, _ = run_client_processes(url, model, [jobs[i::clients] for i in range(clients)],
+                                   stall_timeout_s=stall_timeout_s)
     summary = summarize([o for run in runs for o in run.outcomes])
     wall = max(summary["wall_s"], 1e-9)
     # As each run ends, so a run cut short by a time limit still shows how far it got.
@@ -165,13 +169,14 @@ def drive(url: str, model: str, workload, rate: float, clients: int, seed: int) 
 
 def sweep(url: str, model: str, workload, args: argparse.Namespace, seed: int) -> list[dict]:
     """The saturation run first (all at once), then each rate; rows in that order."""
-    rows = [drive(url, model, workload, float("inf"), args.clients, seed)]
+    rows = [drive(url, model, workload, float("inf"), args.clients, seed, args.stall_timeout)]
     rates = args.sweep
     if rates == "auto":
         rates = [f * rows[0]["requests_per_s"] for f in SWEEP_FRACTIONS]
     for rate in rates:
         if math.isfinite(rate):
-            rows.append(drive(url, model, workload, rate, args.clients, seed))
+            rows.append(drive(url, model, workload, rate, args.clients, seed,
+                              args.stall_timeout))
     return rows
 
 
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.sweep:
                 rows = sweep(url, model, workload, args, targs.seed)
             else:
-                rows = [drive(url, model, workload, args.request_rate, args.clients, targs.seed)]
+                rows = [drive(url, model, workload, args.request_rate, args.clients, targs.seed,
+                              args.stall_timeout)]
         finally:
             if proc is not None:
                 stop_server(proc)

@@ -59,10 +59,14 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
 Job = tuple[float, list[int], int]  # (offset s from the start, prompt ids, max tokens)
 
 
-def _http_client(api_key: str | None) -> httpx.AsyncClient:
+STALL_TIMEOUT_S = 600.0  # a request that gets no byte for this long ends with an error
+
+
+def _http_client(api_key: str | None, stall_timeout_s: float) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    return httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits, headers=headers)
+    return httpx.AsyncClient(timeout=httpx.Timeout(stall_timeout_s), limits=limits,
+                             headers=headers)
 
 
 async def _send_all(client: httpx.AsyncClient, url: str, model: str, jobs: list[Job],
@@ -77,10 +81,12 @@ async def _send_all(client: httpx.AsyncClient, url: str, model: str, jobs: list[
 
 
 async def run_jobs(url: str, model: str, jobs: list[Job], start_at: float,
-                   api_key: str | None = None) -> list[Outcome]:
+                   api_key: str | None = None,
+                   stall_timeout_s: float = STALL_TIMEOUT_S) -> list[Outcome]:
     """Send each `(offset s, prompt ids, max tokens)` job at `start_at + offset`; outcomes in
-    job order. `api_key`: sent as `Authorization: Bearer`."""
-    async with _http_client(api_key) as client:
+    job order. `api_key`: sent as `Authorization: Bearer`; a request that receives nothing
+    for `stall_timeout_s` ends with an error (a stuck request never holds a run)."""
+    async with _http_client(api_key, stall_timeout_s) as client:
         return await _send_all(client, url, model, jobs, start_at)
 
 
@@ -93,10 +99,10 @@ class ClientRun:
     cpu_s: float
 
 
-def _client_process(url: str, model: str, jobs: list[Job], api_key: str | None, ready, go,
-                    start, results, index: int) -> None:
+def _client_process(url: str, model: str, jobs: list[Job], api_key: str | None,
+                    stall_timeout_s: float, ready, go, start, results, index: int) -> None:
     async def main() -> ClientRun:
-        async with _http_client(api_key) as client:
+        async with _http_client(api_key, stall_timeout_s) as client:
             ready.wait()  # this process is up, its imports done and its client open
             go.wait()  # the parent has set the start time
             cpu = time.process_time()
@@ -108,14 +114,17 @@ def _client_process(url: str, model: str, jobs: list[Job], api_key: str | None, 
 
 def run_client_processes(url: str, model: str, shards: list[list[Job]],
                          api_key: str | None = None, lead_s: float = 0.05,
-                         timeout_s: float = 3600.0) -> tuple[list[ClientRun], float]:
+                         timeout_s: float = 3600.0,
+                         stall_timeout_s: float = STALL_TIMEOUT_S) -> tuple[list[ClientRun], float]:
     """One process per shard, all started at one time once every process is ready; returns
-    each process's run (shard order) and the common start time (epoch seconds)."""
+    each process's run (shard order) and the common start time (epoch seconds). A request that
+    receives nothing for `stall_timeout_s` ends with an error."""
     ctx = multiprocessing.get_context("spawn")
     ready, go = ctx.Barrier(len(shards) + 1), ctx.Barrier(len(shards) + 1)
     start, results = ctx.Value("d", 0.0), ctx.Queue()
     procs = [ctx.Process(target=_client_process, daemon=True,
-                         args=(url, model, shard, api_key, ready, go, start, results, i))
+                         args=(url, model, shard, api_key, stall_timeout_s, ready, go, start,
+                               results, i))
              for i, shard in enumerate(shards)]
     for proc in procs:
         proc.start()

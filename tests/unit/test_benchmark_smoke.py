@@ -132,9 +132,13 @@ def test_out_may_name_a_directory(monkeypatch, tmp_path, name):
     assert out.parent == tmp_path and out.suffix == ".json" and not out.exists()
 
 
+STALL = [4, 4, 4]
+
+
 class _StreamingStandIn(BaseHTTPRequestHandler):
     """Answers `/v1/completions` as a streamed OpenAI server would: one text chunk per token
-    (a millisecond apart), then the usage chunk."""
+    (a millisecond apart), then the usage chunk. The prompt `STALL` gets its first chunk and
+    then nothing for 5 s, as a stuck request would."""
 
     protocol_version = "HTTP/1.0"  # the body ends when the connection closes
 
@@ -143,6 +147,10 @@ class _StreamingStandIn(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if body["prompt"] == STALL:
+            self._event({"choices": [{"index": 0, "text": "x"}]})
+            time.sleep(5.0)
+            return
         for _ in range(body["max_tokens"]):
             self._event({"choices": [{"index": 0, "text": "x"}]})
             time.sleep(0.001)
@@ -204,6 +212,18 @@ def test_serving_start_time_is_common_to_every_client(stand_in_url):
     # sent at (asyncio may wake a clock tick early) or after its time
     assert all(o.sent >= o.scheduled - 0.01 and o.error is None
                for run in runs for o in run.outcomes)
+
+
+def test_a_stalled_request_ends_with_an_error_and_does_not_hold_the_run(stand_in_url):
+    from pagedserve.bench.serving_client import run_client_processes
+
+    shards = [[(0.0, [5, 6], 2), (0.0, STALL, 2)], [(0.0, [7], 2)]]
+    runs, _ = run_client_processes(stand_in_url, "m", shards, stall_timeout_s=1.0)
+    outcomes = [o for run in runs for o in run.outcomes]
+    assert outcomes[0].error is None and outcomes[2].error is None
+    stalled = outcomes[1]
+    assert "ReadTimeout" in stalled.error
+    assert stalled.end - stalled.sent < 4.0  # ended by the timeout, not by the 5 s stall
 
 
 def test_serving_sweep_runs_rates_up_to_saturation_and_plots(serving, throughput, stand_in_url,

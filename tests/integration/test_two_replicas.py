@@ -59,6 +59,14 @@ async def _wait_for_load(router, total: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _wait_for_running(router, replica: str, count: int, timeout_s: float = 30) -> None:
+    """Until `replica` reports `count` requests running in its engine."""
+    deadline = time.monotonic() + timeout_s
+    while (await router.stats.remote())["replicas"][replica]["num_running"] < count:
+        assert time.monotonic() < deadline, f"{replica} never ran {count} requests"
+        await asyncio.sleep(0.05)
+
+
 def test_short_requests_do_not_wait_behind_a_busy_replica(app):
     handle, router = app
     before = _admitted(router)
@@ -164,6 +172,7 @@ def test_killing_a_replica_keeps_the_cluster_serving(app):
                  for i in range(4)]
         await _wait_for_load(router, 4)  # both replicas full
         queued = asyncio.ensure_future(handle.completions.remote(_completion("Waiting:", 3)))
+        await _wait_for_running(router, victim, 2)
         await asyncio.sleep(0.5)
         actor = ray.get_actor(f"SERVE_REPLICA::{APP}#Replica#{victim}", namespace="serve")
         ray.kill(actor, no_restart=True)
@@ -172,7 +181,11 @@ def test_killing_a_replica_keeps_the_cluster_serving(app):
     longs, short = asyncio.run(scenario())
     assert short["choices"][0]["text"]  # the request waiting in the router was still served
     failed = [r for r in longs if isinstance(r, Exception)]
-    assert len(failed) == 2, longs  # the victim's two streams fail; the other two finish
+    # The victim's streams that had begun fail (one whose first token had not reached the
+    # ingress yet, on a slow machine, is re-admitted and finishes); the other two finish.
+    assert 1 <= len(failed) <= 2, longs
+    assert all("after it started" in str(err) for err in failed), failed
+    assert all(r["usage"]["completion_tokens"] == 200 for r in longs if isinstance(r, dict))
     deadline = time.monotonic() + 120
     while True:  # Serve replaces the victim; the router forgets it and admits to the new one
         replicas = router.stats.remote().result()["replicas"]

@@ -10,7 +10,10 @@ It starts `serve run` on the config (unless `--url` points at a running server),
 workload as `throughput.py` (same flags, same seed, so the same prompts) as streamed completions,
 and prints TTFT, time per output token and end-to-end latency percentiles plus throughput. With
 `--engine-direct` it first runs `throughput.py` on our engine alone in a child process (so its
-memory is gone before the server starts) and reports HTTP throughput as a share of it.
+memory is gone before the server starts) and reports HTTP throughput as a share of it. Both
+sides get the same untimed warm-up first (throughput.py's, longer on cuda). `--repeats N` makes
+N saturation runs on N seeds' workloads on both sides and prints each run's share: the first
+timed run on a fresh server and the steady state.
 
 The client processes start together (a barrier, then one common start time); each run reports
 the arrival rate achieved beside the one asked for, how late requests left against their
@@ -75,8 +78,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds a request may receive nothing before it ends with an error")
     p.add_argument("--engine-direct", action="store_true",
                    help="also measure our engine offline on the same workload, first")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="saturation runs, each on the next seed's workload (as throughput.py's "
+                   "--repeats, which the engine-direct run gets too): the first and the last")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if args.sweep and args.repeats > 1:
+        p.error("--repeats applies to saturation runs; --sweep runs one of its own")
     args.out = common.default_out("serving", args.device, args.out)
     return args
 
@@ -95,19 +105,22 @@ def sweep_rates(value: str) -> str | list[float]:
 
 def throughput_argv(args: argparse.Namespace, model_dir: Path) -> list[str]:
     """throughput.py flags for the same workload, so both benchmarks draw the same prompts."""
-    argv = ["--device", args.device, "--model", str(model_dir), "--peers", ""]
+    argv = ["--device", args.device, "--model", str(model_dir), "--peers", "",
+            "--repeats", str(args.repeats)]
     for flag in WORKLOAD_FLAGS:
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return argv
 
 
-def engine_direct(args: argparse.Namespace, model_dir: Path, tmp: Path) -> float:
+def engine_direct(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[float]:
+    """Our engine's tok/s on each seed's workload: the first timed run, then each repeat."""
     out = tmp / "engine-direct.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"),
            *throughput_argv(args, model_dir), "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO)
-    return json.loads(out.read_text())["rows"][0]["tokens_per_s"]
+    row = json.loads(out.read_text())["rows"][0]
+    return [row["tokens_per_s"], *(row.get("repeat_tokens_per_s") or [])]
 
 
 def server_config(args: argparse.Namespace, model_dir: Path, targs, tmp: Path) -> Path:
@@ -240,6 +253,38 @@ def print_report(summary: dict, direct: float | None) -> None:
               f"{summary['tokens_per_s'] / direct:.1%}")
 
 
+def repeat_rows(runs: list[dict], direct: list[float] | None, seed: int) -> list[dict]:
+    """One row per saturation run: its seed, HTTP tok/s and, with engine direct, the share."""
+    rows = []
+    for i, run in enumerate(runs):
+        engine = direct[i] if direct and i < len(direct) else None
+        rows.append({"run": i, "seed": seed + i, "http_tokens_per_s": run["tokens_per_s"],
+                     "errors": run["errors"], "ttft_p50_s": run["ttft_s"].get("p50"),
+                     "engine_direct_tokens_per_s": engine,
+                     "http_over_direct": run["tokens_per_s"] / engine if engine else None})
+    return rows
+
+
+def print_repeats(rows: list[dict]) -> None:
+    columns = [("run", "run", "d"), ("seed", "seed", "d"), ("http_tokens_per_s", "HTTP tok/s", ".1f"),
+               ("errors", "errors", "d"), ("ttft_p50_s", "TTFT p50 (s)", ".3f"),
+               ("engine_direct_tokens_per_s", "direct tok/s", ".1f"),
+               ("http_over_direct", "HTTP / direct", ".1%")]
+    print(common.format_table(rows, columns))
+    print("run 0 is the first timed run on this server (after the warm-up), the last is the "
+          "steady state")
+
+
+def saturation_runs(url: str, model: str, targs, vocab: int, args) -> list[dict]:
+    """`--repeats` runs at `--request-rate`, run i on the workload of seed + i."""
+    runs = []
+    for i in range(args.repeats):
+        workload = throughput.make_workload(targs, vocab, seed=targs.seed + i)
+        runs.append(drive(url, model, workload, args.request_rate, args.clients, targs.seed,
+                          args.stall_timeout))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pagedserve-serving-") as tmp:
@@ -254,27 +299,30 @@ def main(argv: list[str] | None = None) -> dict:
         url = args.url or "http://127.0.0.1:8000"
         try:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-            warm = throughput.warmup_workload(targs.seed, vocab)
-            drive(url, model, warm, float("inf"), 1, targs.seed)
+            # the warm-up engine direct had (throughput.py's), so both first runs compare
+            warm = throughput.device_warmup_workload(targs, vocab)
+            drive(url, model, warm, float("inf"), args.clients, targs.seed)
             if args.sweep:
                 rows = sweep(url, model, workload, args, targs.seed)
             else:
-                rows = [drive(url, model, workload, args.request_rate, args.clients, targs.seed,
-                              args.stall_timeout)]
+                rows = saturation_runs(url, model, targs, vocab, args)
         finally:
             if proc is not None:
                 stop_server(proc)
     summary = rows[0]
-    print_report(summary, direct)
+    print_report(summary, direct[0] if direct else None)
     result = {"benchmark": "serving", **common.environment(args.device),
               "config": str(args.config), "model": str(args.model or model_dir),
               "clients": args.clients,
               "workload": {f: getattr(targs, f, None) for f in WORKLOAD_FLAGS},
-              "engine_direct_tokens_per_s": direct, **summary}
+              "engine_direct_tokens_per_s": direct[0] if direct else None, **summary}
     if args.sweep:
         print_sweep(rows)
         result["sweep"] = rows
-    bars = {"HTTP": summary["tokens_per_s"], **({"engine direct": direct} if direct else {})}
+    elif args.repeats > 1:
+        result["repeats"] = repeat_rows(rows, direct, targs.seed)
+        print_repeats(result["repeats"])
+    bars = {"HTTP": summary["tokens_per_s"], **({"engine direct": direct[0]} if direct else {})}
     common.write_results(result, args.out, bars, "output tokens / s")
     if args.sweep and (png := plot_sweep(rows, args.out.with_name(args.out.stem + "-sweep.png"))):
         print(f"wrote {png}")

@@ -244,3 +244,19 @@ def test_serving_sweep_runs_rates_up_to_saturation_and_plots(serving, throughput
     assert serving.parse_args(["--sweep", "1,2.5"]).sweep == [1.0, 2.5]
     with pytest.raises(SystemExit):
         serving.parse_args(["--sweep", "0,x"])
+
+
+def test_serving_repeats_pair_each_http_run_with_its_engine_direct_run(serving):
+    runs = [{"tokens_per_s": 90.0, "errors": 0, "ttft_s": {"p50": 0.5}},
+            {"tokens_per_s": 99.0, "errors": 1, "ttft_s": {}}]
+    rows = serving.repeat_rows(runs, [100.0, 110.0], seed=7)
+    assert [(r["run"], r["seed"]) for r in rows] == [(0, 7), (1, 8)]
+    assert [r["http_over_direct"] for r in rows] == [0.9, 0.9]
+    assert rows[1]["errors"] == 1 and rows[1]["ttft_p50_s"] is None
+    assert serving.repeat_rows(runs, None, seed=0)[0]["http_over_direct"] is None
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--repeats", "2", "--sweep"]])
+def test_serving_rejects_repeats_it_cannot_run(serving, argv):
+    with pytest.raises(SystemExit):
+        serving.parse_args(argv)

@@ -46,11 +46,23 @@ class EngineConfig(BaseModel):
         return self
 
 
+RouterPolicy = Literal["admission", "serve"]
+
+
 class RouterConfig(BaseModel):
-    """How the router actor admits requests to replicas."""
+    """How the router actor admits requests to replicas.
+
+    `policy: admission` (ours): every request waits in the router actor's queue until a
+    replica has room, preferring the replica that holds its prefix. `policy: serve`: the
+    ingress calls the replicas unpinned and Serve's default request router (power of two
+    choices, bounded by `max_ongoing_requests`) picks one; the router actor then only
+    watches the replicas (`/readyz`, `/metrics`) and counts no hot prefixes for new replicas
+    to prefill. It exists to measure our router against.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    policy: RouterPolicy = "admission"
     max_queue_len: int = Field(default=1024, ge=1)  # beyond this, new requests get 503
     max_waiting_per_replica: int = Field(default=4, ge=0)  # engine backlog that blocks admission
     imbalance_bound: int = Field(default=8, ge=0)  # affinity yields if load > least load + this
@@ -276,6 +288,21 @@ class ClusterConfig(BaseModel):
         # (`num_replicas` is compared with its default: the config is re-read from its dump.)
         if self.autoscaling is not None and self.num_replicas != 1:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _check_router_policy(self) -> ClusterConfig:
+        """What only our router's admission provides cannot run under Serve's router."""
+        if self.router.policy == "admission":
+            return self
+        needs_admission = {"autoscaling": self.autoscaling is not None,
+                           "rollout": self.rollout is not None,
+                           "standby.parked": self.standby.parked > 0}
+        used = [name for name, on in needs_admission.items() if on]
+        if used:
+            raise ValueError(f"router.policy 'serve' leaves admission to Serve's request "
+                             f"router, but {', '.join(used)} needs our router's admission: "
+                             f"use router.policy 'admission' or remove {', '.join(used)}")
         return self
 
 

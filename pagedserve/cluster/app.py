@@ -77,9 +77,17 @@ def _replica_deployment(config: ClusterConfig, name: str, count: dict):
                               + EXTRA_REPLICA_CALLS),
         ray_actor_options={"num_cpus": config.replica_num_cpus,
                            "num_gpus": config.replica_num_gpus},
-        request_router_config=RequestRouterConfig(request_router_class=PinnedRequestRouter),
+        request_router_config=_request_router_config(config),
         **group,
     )
+
+
+def _request_router_config(config: ClusterConfig) -> RequestRouterConfig:
+    """Calls go where our router admitted them (pinned), or, with `router.policy: serve`,
+    where Serve's default request router (power of two choices) puts them."""
+    if config.router.policy == "serve":
+        return RequestRouterConfig()
+    return RequestRouterConfig(request_router_class=PinnedRequestRouter)
 
 
 def _replica_count_options(config: ClusterConfig) -> dict:

@@ -50,12 +50,16 @@ class Dispatcher:
     """Admits jobs through the router actor and streams their deltas from the chosen replica."""
 
     def __init__(self, router, replicas, block_size: int, retry_after_s: int,
-                 hot_prefix_tokens: int = 0, canary_replicas=None) -> None:
+                 hot_prefix_tokens: int = 0, canary_replicas=None,
+                 admission: bool = True) -> None:
         """`hot_prefix_tokens`: how many leading prompt tokens the router gets with each
         request, to count hot prefixes that new replicas prefill (0: none).
         `canary_replicas`: the handle of a new model version's replicas, when a rollout runs:
-        the router then picks the version of each request and hears how it ended."""
+        the router then picks the version of each request and hears how it ended.
+        `admission=False` (`router.policy: serve`): the router actor is not asked; each call
+        goes to the replicas unpinned, for Serve's own request router to place."""
         self.router = router
+        self.admission = admission
         self.hot_prefix_tokens = hot_prefix_tokens
         self.replicas = replicas.options(stream=True)
         self.canary_replicas = (canary_replicas.options(stream=True)
@@ -68,7 +72,7 @@ class Dispatcher:
         """Yield the job's deltas; re-route it if its replica dies before the first one."""
         failed: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            replica_id, version = await self._admit_versioned(job, failed)
+            replica_id, version = await self._place(job, failed)
             started = False
             try:
                 async for delta in self._judged(version, self._call(job, replica_id, attempt,
@@ -77,19 +81,28 @@ class Dispatcher:
                     yield delta
                 return
             except _REPLICA_GONE as err:
-                await tell_router(self.router.replica_failed, replica_id)
+                if replica_id is not None:
+                    await tell_router(self.router.replica_failed, replica_id)
                 if started:  # its client saw part of an answer: report, don't retry
                     raise APIError(503, f"the replica running this request failed after it "
                                    f"started: {_cause_message(err)}", "service_unavailable",
                                    None, "replica_failed") from err
                 logger.warning("replica %s died before %s started: %r; re-routing",
                                replica_id, job.request_id, err)
-                failed.add(replica_id)
+                if replica_id is not None:
+                    failed.add(replica_id)
         raise APIError(503, f"no replica could run the request after {MAX_ATTEMPTS} attempts",
                        "service_unavailable", None, "replica_failed")
 
     async def _admit(self, job: Job, failed: set[str]) -> str:
         return (await self._admit_versioned(job, failed))[0]
+
+    async def _place(self, job: Job, failed: set[str]) -> tuple[str | None, str | None]:
+        """The replica the router admits `job` to, and its version; (None, None) when
+        Serve's request router places the call instead (no admission)."""
+        if not self.admission:
+            return None, None
+        return await self._admit_versioned(job, failed)
 
     async def _admit_versioned(self, job: Job, failed: set[str]) -> tuple[str, str | None]:
         """The replica that runs `job`, and its model version while a rollout runs."""
@@ -169,13 +182,15 @@ class Dispatcher:
             logger.warning("waited %.2f s for a replica to start (scaled to zero)",
                            time.monotonic() - started)
 
-    async def _call(self, job: Job, replica_id: str, attempt: int,
+    async def _call(self, job: Job, replica_id: str | None, attempt: int,
                     version: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The replica's deltas: pinned to `replica_id`, or unpinned when it is None."""
         engine_request_id = job.request_id if attempt == 0 else f"{job.request_id}-retry{attempt}"
         replicas = self.canary_replicas if version == CANARY else self.replicas
+        pin = {} if replica_id is None else {"target_replica": replica_id}
         with own_serve_request():
             stream = replicas.generate.remote(
-                job.prompt_token_ids, job.params, engine_request_id, target_replica=replica_id)
+                job.prompt_token_ids, job.params, engine_request_id, **pin)
         delivered = completed = False
         try:
             async for delta in stream:
@@ -185,7 +200,7 @@ class Dispatcher:
         finally:
             if not completed:  # the client left or the call failed: stop the replica's work
                 stream.cancel()
-            if not delivered:
+            if not delivered and replica_id is not None:  # its admission reserved room
                 await asyncio.shield(tell_router(self.router.release, replica_id,
                                                  job.request_id))
 

@@ -108,7 +108,8 @@ class IngressDeployment:
         warm = self.config.warm_prefixes
         dispatcher = Dispatcher(router, replicas, self.config.engine.block_size,
                                 self.config.router.retry_after_s,
-                                warm.max_tokens if warm.top_k > 0 else 0, canary_replicas)
+                                warm.max_tokens if warm.top_k > 0 else 0, canary_replicas,
+                                admission=self.config.router.policy == "admission")
         self.service = OpenAIService(self.config, load_model_info(self.config), dispatcher,
                                      self.metrics)
         self.gateway = Gateway(self.config, self.service, served_model_id(self.config),

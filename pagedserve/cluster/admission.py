@@ -43,6 +43,10 @@ class ReplicaReport:
     block_hashes: list[int] | None = None  # prefix blocks it caches; None: unchanged
     draining: bool = False
     version: str = "stable"  # the model version it serves (a rollout runs two)
+    # Its engine's running totals of prompt tokens looked up in, and found in, its prefix
+    # cache (shown in the router's stats, for benchmarks that compare routing policies).
+    num_prefix_queried_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
 
 
 @dataclass

@@ -203,7 +203,9 @@ class RouterDeployment:
                       "num_running": s.report.num_running, "num_waiting": s.report.num_waiting,
                       "kv_usage": 1.0 - s.report.num_free_blocks / max(1, s.report.num_total_blocks),
                       "draining": s.report.draining, "parked": self.parking.is_parked(rid),
-                      "version": s.report.version}
+                      "version": s.report.version,
+                      "prefix_queried_tokens": s.report.num_prefix_queried_tokens,
+                      "prefix_hit_tokens": s.report.num_prefix_hit_tokens}
                 for rid, s in self.queue.replicas.items()
             },
             "replicas_by_state": self._metrics.by_state,

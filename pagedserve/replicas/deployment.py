@@ -258,6 +258,8 @@ class ReplicaDeployment:
             "draining": self.draining,
             "version": self.version,
             "rollout": self.rollout,
+            "num_prefix_queried_tokens": stats.num_prefix_queried_tokens,
+            "num_prefix_hit_tokens": stats.num_prefix_hit_tokens,
         }
         try:
             view = await self.router.report.remote(report)

@@ -10,6 +10,7 @@ from fake_handles import Method
 from pydantic import ValidationError
 from ray.exceptions import ActorDiedError
 
+from pagedserve.cluster.admission import ReplicaReport
 from pagedserve.cluster.app import build_app
 from pagedserve.cluster.dispatch import Dispatcher, Job
 from pagedserve.config import ClusterConfig, RouterConfig
@@ -131,3 +132,8 @@ def test_without_admission_a_call_whose_replica_died_is_sent_again_unpinned():
     assert replicas.kwargs == [{}, {}]
     assert router.calls == []
 
+
+def test_replica_reports_carry_the_prefix_cache_totals():
+    report = ReplicaReport("r", 4, 0, 0, 10, 10, 16, num_prefix_queried_tokens=640,
+                           num_prefix_hit_tokens=512)
+    assert (report.num_prefix_queried_tokens, report.num_prefix_hit_tokens) == (640, 512)

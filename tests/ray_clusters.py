@@ -10,6 +10,10 @@ from collections.abc import Iterator
 
 import ray
 
+# Joined in turn: the suite joins the served cluster first (tests/integration) and starts its
+# own clusters after it (tests/local_cluster, a few unit modules), each left through this.
+from pagedserve.bench.serve_process import leave_ray_cluster  # noqa: F401 (imported from here)
+
 
 @contextlib.contextmanager
 def own_ray_cluster(num_cpus: int, **init_args) -> Iterator[None]:
@@ -96,18 +100,3 @@ def _start_local_cluster(num_cpus: int, init_args: dict | None = None, attempts:
             warnings.warn(f"local Ray cluster did not start ({err}); starting it again",
                           stacklevel=2)
             ray.shutdown()
-
-
-def leave_ray_cluster() -> None:
-    """Disconnect this driver and drop Serve's cache of long-poll clients with the cluster.
-
-    Serve keeps routing state in the process after `ray.shutdown()` (its router event-loop
-    thread, one long-poll client per controller). With the autoscaling module's own cluster
-    first and the served cluster joined after it, every later handle call waited forever, so
-    the suite joins the served cluster first (tests/integration) and starts its own clusters
-    after it (tests/local_cluster, and a few unit modules).
-    """
-    from ray.serve._private.router import SharedRouterLongPollClient
-
-    ray.shutdown()
-    SharedRouterLongPollClient.get_or_create.cache_clear()

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -101,3 +102,32 @@ def stop_serve_run(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(tree, timeout=10)
+
+
+@contextlib.contextmanager
+def joined_cluster(proc: subprocess.Popen) -> Iterator[None]:
+    """This process as a driver of the Ray cluster that `serve run` (`proc`) started, while
+    inside (for deployment handles: a router's stats), left cleanly after."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as `serve run` is started by benchmarks
+    ray.init(address=ray_address(proc), logging_level="warning", log_to_driver=False)
+    try:
+        yield
+    finally:
+        leave_ray_cluster()
+
+
+def leave_ray_cluster() -> None:
+    """Disconnect this driver and drop Serve's cache of long-poll clients with the cluster.
+
+    Serve keeps routing state in the process after `ray.shutdown()` (its router event-loop
+    thread, one long-poll client per controller). With one cluster joined and another joined
+    after it, every later handle call waited forever: so a process that is the driver of
+    several clusters in turn leaves each through here.
+    """
+    import ray
+    from ray.serve._private.router import SharedRouterLongPollClient
+
+    ray.shutdown()
+    SharedRouterLongPollClient.get_or_create.cache_clear()

@@ -25,7 +25,8 @@ class _Engine:
 
     def stats_nowait(self) -> EngineStats:
         return EngineStats(num_running=1, num_waiting=self.num_waiting, num_free_blocks=100,
-                           num_total_blocks=200, prefix_cache_hit_rate=0.0, num_preemptions=0)
+                           num_total_blocks=200, prefix_cache_hit_rate=0.0, num_preemptions=0,
+                           num_prefix_hit_tokens=32, num_prefix_queried_tokens=40)
 
     async def cached_block_hashes(self) -> list[int]:
         await asyncio.sleep(0)
@@ -67,6 +68,7 @@ def test_a_request_confirmed_in_a_report_is_counted_in_it():
     assert report["received_ids"] == ["request-1"]
     assert report["num_waiting"] == 1  # the confirmed request holds a slot
     assert report["block_hashes"] == [7]
+    assert (report["num_prefix_queried_tokens"], report["num_prefix_hit_tokens"]) == (40, 32)
 
 
 def test_ids_of_a_failed_report_go_with_the_next_one():

@@ -10,9 +10,9 @@ from fake_handles import Method
 from pydantic import ValidationError
 from ray.exceptions import ActorDiedError
 
-from pagedserve.cluster.admission import ReplicaReport
 from pagedserve.cluster.app import build_app
 from pagedserve.cluster.dispatch import Dispatcher, Job
+from pagedserve.cluster.router import RouterDeployment
 from pagedserve.config import ClusterConfig, RouterConfig
 
 SERVE = {"router": {"policy": "serve"}}
@@ -133,7 +133,14 @@ def test_without_admission_a_call_whose_replica_died_is_sent_again_unpinned():
     assert router.calls == []
 
 
-def test_replica_reports_carry_the_prefix_cache_totals():
-    report = ReplicaReport("r", 4, 0, 0, 10, 10, 16, num_prefix_queried_tokens=640,
-                           num_prefix_hit_tokens=512)
-    assert (report.num_prefix_queried_tokens, report.num_prefix_hit_tokens) == (640, 512)
+def test_the_router_shows_each_replicas_prefix_cache_totals():
+    async def scenario():
+        router = RouterDeployment()
+        await router.report({"replica_id": "A", "max_num_seqs": 2, "num_running": 0,
+                             "num_waiting": 0, "num_free_blocks": 10, "num_total_blocks": 10,
+                             "block_size": 16, "num_prefix_queried_tokens": 640,
+                             "num_prefix_hit_tokens": 512})
+        return router.stats()["replicas"]["A"]
+
+    stats = asyncio.run(scenario())
+    assert (stats["prefix_queried_tokens"], stats["prefix_hit_tokens"]) == (640, 512)

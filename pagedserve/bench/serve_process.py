@@ -119,15 +119,22 @@ def joined_cluster(proc: subprocess.Popen) -> Iterator[None]:
 
 
 def leave_ray_cluster() -> None:
-    """Disconnect this driver and drop Serve's cache of long-poll clients with the cluster.
+    """Disconnect this driver and drop what Serve keeps of the cluster in the process.
 
-    Serve keeps routing state in the process after `ray.shutdown()` (its router event-loop
-    thread, one long-poll client per controller). With one cluster joined and another joined
-    after it, every later handle call waited forever: so a process that is the driver of
-    several clusters in turn leaves each through here.
+    Serve keeps routing state after `ray.shutdown()`: its router event-loop thread, one
+    long-poll client per controller, and its controller client with the deployment handles it
+    made. It reuses that client while the job id matches, and a new cluster's first job has
+    the id the last cluster's had: handle calls made on the next cluster joined then went to
+    the old cluster's actors, or waited forever. So a process that is the driver of several
+    clusters in turn leaves each through here.
     """
     import ray
+    from ray.serve import context as serve_context
     from ray.serve._private.router import SharedRouterLongPollClient
 
+    client = serve_context._global_client
+    if client is not None and ray.is_initialized():
+        client.shutdown_cached_handles()
+    serve_context._disconnect()
     ray.shutdown()
     SharedRouterLongPollClient.get_or_create.cache_clear()

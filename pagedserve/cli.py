@@ -104,13 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
     serve_cli = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
-    from pagedserve.bench.serve_process import HAPROXY_MODE_ENV
+    from pagedserve.bench.serve_process import haproxy_mode_environment
     from pagedserve.replicas.node.warm_workers import preload_environment
 
     print(f"pagedserve: OpenAI API on http://{args.host}:{args.port}/v1 once ready (Ctrl-C stops)")
     # A local Ray started by `serve run` preloads Ray Serve into its workers (warm workers);
     # Serve reads its proxy mode from the environment Ray starts with.
-    env = {**os.environ, **preload_environment(), **(HAPROXY_MODE_ENV if args.haproxy else {})}
+    proxy_mode = haproxy_mode_environment() if args.haproxy else {}
+    env = {**os.environ, **preload_environment(), **proxy_mode}
     return subprocess.call([serve_cli, "run", f.name], env=env)
 
 

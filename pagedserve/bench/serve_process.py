@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +28,29 @@ from pagedserve.replicas.parallel.rendezvous import free_port
 
 # Serve's HAProxy mode, read by Ray Serve when Ray starts (ray/serve/_private/constants.py).
 HAPROXY_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# A request whose ingress replica died before answering is retried on another one (Serve's
+# default retries connection failures only); `pagedserve-haproxy` keeps requests buffered so
+# HAProxy can (`pagedserve/haproxy_launch.py` says why). Requests up to 64 KiB.
+HAPROXY_RETRY_ON = "conn-failure empty-response"
+HAPROXY_BUFFER_BYTES = 65536
 GRACE_S = 60  # for `serve run` to shut Serve and its Ray cluster down after Ctrl-C
 # Ports Serve's HAProxy mode binds besides the HTTP port, fixed by default (Ray 2.60's
 # `ray/serve/_private/constants.py`); the ingress replicas' own ports (30000 and up) Serve
 # moves on from when taken.
 HAPROXY_MODE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def haproxy_mode_environment() -> dict[str, str]:
+    """Environment for Ray to start Serve in HAProxy mode, with `pagedserve-haproxy` as its
+    HAProxy and empty responses retried; a setting already in the environment is kept."""
+    beside_python = os.path.join(os.path.dirname(sys.executable), "pagedserve-haproxy")
+    launcher = beside_python if os.path.exists(beside_python) else (
+        shutil.which("pagedserve-haproxy") or beside_python)
+    ours = {**HAPROXY_MODE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": launcher,
+            "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
+            "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFFER_BYTES)}
+    return {key: os.environ.get(key, value) for key, value in ours.items()}
 
 
 def haproxy_environment() -> dict[str, str]:
@@ -42,7 +61,7 @@ def haproxy_environment() -> dict[str, str]:
     while len(ports) < len(HAPROXY_MODE_PORTS):
         ports.add(free_port())
     moved = zip(HAPROXY_MODE_PORTS, map(str, ports), strict=True)
-    return {**HAPROXY_MODE_ENV, **dict(moved)}
+    return {**haproxy_mode_environment(), **dict(moved)}
 
 
 def fallback_proxy_url(env: dict[str, str]) -> str:

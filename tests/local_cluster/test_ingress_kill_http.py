@@ -1,10 +1,9 @@
 """An ingress replica killed under HTTP streaming load, in Serve's HAProxy mode as
-`pagedserve serve --haproxy` runs it: only the requests it held fail (streams that had started
-end cut off; one that had not gets no answer), HAProxy sends everything after to the other
-ingress replica, and Serve replaces the dead one. (HAProxy's `retry-on empty-response` was
-tried for the unanswered ones: 0-3 failed per kill with it and without it, so it is not set.
-Those clients see their connection closed with no response about 0.1 s after the kill, and
-HAProxy's access log has no line for them, while it logs the cut streams as `SD--`.)
+`pagedserve serve --haproxy` runs it: only streams that had begun fail (cut off); a request the
+dead replica held without answering is retried by HAProxy on the other ingress replica
+(`pagedserve/haproxy_launch.py`: without it, HAProxy closed 1-5 such clients' connections per
+kill with no response), everything after goes to the other replica, and Serve replaces the
+dead one.
 
 Its own `serve run` (a tiny random model, one replica, two ingress replicas) on free ports.
 """
@@ -70,7 +69,7 @@ def _wait_for_ingress_replicas(count: int, timeout_s: float = 120) -> list:
     return replicas
 
 
-def test_a_killed_ingress_fails_only_what_it_held_and_haproxy_moves_on(served):
+def test_a_killed_ingress_fails_only_streams_it_had_begun_and_haproxy_moves_on(served):
     replicas = _wait_for_ingress_replicas(2)
     load = HttpLoad(served["url"], {"model": "tiny", "prompt": "w5 w6 w7 w8",
                                     "max_tokens": MAX_TOKENS, "temperature": 0,
@@ -82,10 +81,13 @@ def test_a_killed_ingress_fails_only_what_it_held_and_haproxy_moves_on(served):
 
     killed_at = asyncio.run(with_load(load, kill, settle_s=20, warm_s=3.0))
     counts, failed = load.counts(), load.failed()
+    across = [o for o in load.outcomes if o.sent_at < killed_at < o.ended_at]
     # Each failure: sent and ended, in seconds from the kill, and whether its stream had begun.
-    print(counts, [(round(o.sent_at - killed_at, 3), round(o.ended_at - killed_at, 3),
-                    o.started, o.error) for o in failed])
-    assert failed, "no request was in the killed ingress"
+    print(counts, f"{len(across)} in flight at the kill",
+          [(round(o.sent_at - killed_at, 3), round(o.ended_at - killed_at, 3), o.started,
+            o.error) for o in failed])
+    assert len(across) >= CONCURRENCY // 2, "the kill did not happen under load"
+    assert all(o.started for o in failed), [o for o in failed if not o.started][:3]
     assert all(o.sent_at <= killed_at + 1.0 for o in failed), failed[:3]
     settled = load.counts(since=killed_at + 5.0)
     assert settled["sent"] > 0 and settled["succeeded"] == settled["sent"], settled

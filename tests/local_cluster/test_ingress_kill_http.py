@@ -17,6 +17,7 @@ import pytest
 import ray
 import yaml
 from fault_load import HttpLoad, with_load
+from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray_clusters import leave_ray_cluster
 from redis_server import free_port
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 APP = "pagedserve"
 MAX_TOKENS = 32
 CONCURRENCY = 6
+BLOCKS = 128
 NO_DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
@@ -36,7 +38,7 @@ def served(tiny_model_factory, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ingress-kill")
     port = free_port()
     args = {"engine": {"model": str(tiny_model_factory("llama-gqa-tied")), "device": "cpu",
-                       "dtype": "float32", "num_kvcache_blocks": 128, "max_num_seqs": 4},
+                       "dtype": "float32", "num_kvcache_blocks": BLOCKS, "max_num_seqs": 4},
             "served_model_name": "tiny", "num_replicas": 1, "num_ingress_replicas": 2,
             "replica_num_cpus": 1, "torch_threads": 1, "warm_prefixes": {"top_k": 0}}
     config = {"http_options": {"host": "127.0.0.1", "port": port},
@@ -58,6 +60,23 @@ def _ingress_replicas() -> list:
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     details = ray.get(controller.get_deployment_details.remote(APP, "Ingress"), timeout=30)
     return [r for r in details.replicas if str(r.state.value) == "RUNNING"]
+
+
+def _replica_reports() -> dict:
+    return serve.get_deployment_handle("Router", APP).stats.remote().result(
+        timeout_s=30)["replicas"]
+
+
+def _wait_until_every_block_is_free(timeout_s: float = 60) -> None:
+    """Nothing of the dead ingress's streams (cut, or sent again elsewhere) runs on."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reports = _replica_reports()
+        if reports and all(r["num_free_blocks"] == BLOCKS and r["num_running"] == 0
+                           for r in reports.values()):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"blocks still held after {timeout_s} s: {_replica_reports()}")
 
 
 def _wait_for_ingress_replicas(count: int, timeout_s: float = 120) -> list:
@@ -92,3 +111,4 @@ def test_a_killed_ingress_fails_only_streams_it_had_begun_and_haproxy_moves_on(s
     settled = load.counts(since=killed_at + 5.0)
     assert settled["sent"] > 0 and settled["succeeded"] == settled["sent"], settled
     _wait_for_ingress_replicas(2)  # Serve replaced it
+    _wait_until_every_block_is_free()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -34,6 +33,7 @@ import httpx
 import numpy as np
 
 from pagedserve.bench.serve_process import fallback_proxy_url, free_port, haproxy_environment
+from pagedserve.cluster.openai_sse import sse_data
 
 try:
     from benchmarks import common
@@ -90,9 +90,9 @@ def timed_stream(client: httpx.Client, request: dict) -> dict:
     with client.stream("POST", "/v1/chat/completions", json=request) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if (chunk := sse_data(line)) is None:
                 continue
-            for choice in json.loads(line[6:])["choices"]:
+            for choice in chunk["choices"]:
                 text = choice["delta"].get("content")
                 if text:
                     first = first or time.perf_counter()

@@ -17,7 +17,6 @@ until it is back at one serving replica before the next repeat.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import ray
 from ray import serve
 
 from pagedserve.cluster.app import APP_NAME, build_app
+from pagedserve.cluster.openai_sse import sse_data
 from pagedserve.replicas.node.warm_workers import idle_workers
 from pagedserve.replicas.parallel.rendezvous import free_port
 
@@ -130,8 +130,8 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], firsts
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
         got_first = False
         async for line in response.aiter_lines():
-            if not got_first and line.startswith("data: {") and any(
-                    c.get("text") for c in json.loads(line[6:]).get("choices", [])):
+            chunk = None if got_first else sse_data(line)
+            if chunk is not None and any(c.get("text") for c in chunk.get("choices", [])):
                 got_first = True
                 firsts.append(time.time())
                 if len(firsts) == size:

@@ -6,12 +6,13 @@ an error gets a one-line message, and the chat goes on (the failed turn is not k
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 
 import httpx
+
+from pagedserve.cluster.openai_sse import sse_data
 
 PROMPT = "you> "
 CONNECT_TIMEOUT_S = 5.0
@@ -93,9 +94,8 @@ class ChatSession:
 
 def _sse_pieces(lines: Iterator[str]) -> Iterator[str]:
     for line in lines:
-        if not line.startswith("data: ") or line == "data: [DONE]":
+        if (chunk := sse_data(line)) is None:
             continue
-        chunk = json.loads(line[len("data: "):])
         if "error" in chunk:  # the server failed mid-stream
             raise ChatError(f"the server failed while answering: {chunk['error'].get('message')}")
         for choice in chunk.get("choices", []):

@@ -9,9 +9,10 @@ to it as a cut-off answer, before that it must be re-admitted somewhere (or was 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
+
+from pagedserve.cluster.openai_sse import sse_data
 
 
 @dataclass
@@ -94,8 +95,7 @@ class HttpLoad(Load):
             if reply.status_code != 200:
                 raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
             async for line in reply.aiter_lines():
-                if line.startswith("data: {"):
-                    chunk = json.loads(line[6:])
+                if (chunk := sse_data(line)) is not None:
                     if "error" in chunk:
                         raise RuntimeError(f"error event: {chunk['error']}")
                     yield chunk

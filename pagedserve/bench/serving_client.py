@@ -11,13 +11,14 @@ reports the CPU time it spent, so a run can show that its clients were not the l
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import queue
 import time
 from dataclasses import dataclass
 
 import httpx
+
+from pagedserve.cluster.openai_sse import sse_data
 
 
 @dataclass
@@ -42,9 +43,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
                 error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
             else:
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    if (chunk := sse_data(line)) is None:
                         continue
-                    chunk = json.loads(line[6:])
                     if "error" in chunk:
                         error = chunk["error"]["message"]
                     if first is None and any(c.get("text") for c in chunk.get("choices", [])):

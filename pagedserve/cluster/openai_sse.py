@@ -7,6 +7,15 @@ import json
 from pagedserve.cluster.openai_errors import APIError
 
 SSE_DONE = "data: [DONE]\n\n"
+DATA = "data: "
+
+
+def sse_data(line: str) -> dict | None:
+    """The JSON object of one received `data:` line of an OpenAI stream (a chunk, or an error
+    event under "error"); None for any other line, `[DONE]` included."""
+    if not line.startswith(DATA + "{"):
+        return None
+    return json.loads(line[len(DATA):])
 
 
 def sse_event(obj: dict) -> str:

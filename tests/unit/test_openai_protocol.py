@@ -493,3 +493,15 @@ def test_structured_output_fields_map_to_one_grammar():
     with pytest.raises(APIError) as err:
         spec(guided_json="[1, 2]")
     assert err.value.param == "guided_json"
+
+
+def test_a_received_data_line_reads_back_as_the_event_it_was_sent_as():
+    from pagedserve.cluster.openai_errors import APIError
+    from pagedserve.cluster.openai_sse import SSE_DONE, sse_data, sse_error, sse_event
+
+    chunk = {"choices": [{"index": 0, "text": "héllo"}]}
+    assert sse_data(sse_event(chunk).strip()) == chunk
+    error = sse_data(sse_error(APIError(400, "bad", "invalid_request_error")).strip())
+    assert error["error"]["message"] == "bad"
+    assert [sse_data(line) for line in (SSE_DONE.strip(), "", ": keep-alive", "event: x")] == \
+        [None] * 4

@@ -8,6 +8,7 @@ exception on a future nobody awaited, a crash) goes to the Serve actor's worker 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 SERVE_ACTORS = (":actor_name:ServeReplica", ":actor_name:ServeController",
@@ -40,16 +41,21 @@ def request_log_lines(logs: Path, request_id: str) -> list[str]:
             for line in path.read_text(errors="replace").splitlines() if request_id in line]
 
 
-def ingress_replicas_of(logs: Path, request_ids: list[str],
-                        deployment: str = "Ingress") -> dict[str, str]:
+def ingress_replicas_of(logs: Path, request_ids: list[str], deployment: str = "Ingress",
+                        wait_s: float = 10.0) -> dict[str, str]:
     """Request id -> the id of the `deployment` replica whose log names it (the replica that
-    answered it), for the ids found."""
-    found = {}
-    for path in (logs / "serve").glob(f"replica_*_{deployment}_*.log"):
-        text = path.read_text(errors="replace")
-        replica = path.stem.rsplit("_", 1)[1]
-        found.update({rid: replica for rid in request_ids if rid in text})
-    return found
+    answered it), for the ids found within `wait_s` (a replica writes its access-log line
+    after the response has gone, so the last one may not be in the file yet)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {}
+        for path in (logs / "serve").glob(f"replica_*_{deployment}_*.log"):
+            text = path.read_text(errors="replace")
+            replica = path.stem.rsplit("_", 1)[1]
+            found.update({rid: replica for rid in request_ids if rid in text})
+        if len(found) == len(set(request_ids)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
 
 
 def _serve_logs(logs: Path) -> list[Path]:

@@ -32,6 +32,9 @@ def own_ray_cluster(num_cpus: int, **init_args) -> Iterator[None]:
         leave_ray_cluster()
 
 
+HEAD_START_TIMEOUTS = ("Timed out waiting for file", "timed out during startup")
+
+
 @contextlib.contextmanager
 def own_node_cluster(head_cpus: int = 0) -> Iterator[ray.cluster_utils.Cluster]:
     """A fresh multi-node cluster on this machine (`ray.cluster_utils.Cluster`), its head only
@@ -54,8 +57,9 @@ def _start_head(head_cpus: int, attempts: int = 2):
     """A `Cluster` with its head started, tried again once if the head's daemons never came up.
 
     Once in CI the head's GCS never wrote its port file ("Timed out waiting for file
-    .../gcs_server_port_..."), the fork hazard `_start_local_cluster` describes; a second start
-    gets a fresh fork. The failed head's processes are stopped first.
+    .../gcs_server_port_..."), and once its node never registered ("The current node timed out
+    during startup", a bare Exception): the fork hazard `_start_local_cluster` describes; a
+    second start gets a fresh fork. The failed head's processes are stopped first.
     """
     from ray.cluster_utils import Cluster
 
@@ -63,8 +67,8 @@ def _start_head(head_cpus: int, attempts: int = 2):
         try:
             return Cluster(initialize_head=True, head_node_args={
                 "num_cpus": head_cpus, "include_dashboard": False})
-        except RuntimeError as err:
-            if attempt == attempts or "Timed out waiting for file" not in str(err):
+        except Exception as err:  # Ray raises a bare Exception for the second case
+            if attempt == attempts or not any(sign in str(err) for sign in HEAD_START_TIMEOUTS):
                 raise
             warnings.warn(f"the head node did not start ({err}); starting it again",
                           stacklevel=2)

@@ -82,7 +82,6 @@ LOCAL_APP = {"num_replicas": 1, "replica_num_cpus": 1, "torch_threads": 2,
 def _serve(args: argparse.Namespace) -> int:
     import os
     import shutil
-    import subprocess
     import tempfile
 
     import yaml
@@ -112,7 +111,24 @@ def _serve(args: argparse.Namespace) -> int:
     # Serve reads its proxy mode from the environment Ray starts with.
     proxy_mode = haproxy_mode_environment() if args.haproxy else {}
     env = {**os.environ, **preload_environment(), **proxy_mode}
-    return subprocess.call([serve_cli, "run", f.name], env=env)
+    return _wait_through_ctrl_c(_start_serve_run([serve_cli, "run", f.name], env))
+
+
+def _start_serve_run(argv: list[str], env: dict[str, str]):
+    import subprocess
+
+    return subprocess.Popen(argv, env=env)
+
+
+def _wait_through_ctrl_c(child) -> int:
+    """The child's exit status. Ctrl-C reaches the child too (one process group), and it
+    shuts Serve and its Ray down, so this process waits for that instead of exiting with a
+    traceback; a second Ctrl-C makes `serve run` stop at once."""
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def _chat(args: argparse.Namespace) -> int:
